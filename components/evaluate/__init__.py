@@ -1,0 +1,1 @@
+"""Evaluation: image-quality, diversity and prompt-alignment metrics for generated samples."""

@@ -1,0 +1,79 @@
+"""Ingest: copy a source's raw files into tar shards and list them in a Parquet manifest.
+
+Raw bytes are kept as they are (broken files too): curation decides what is usable and
+records why, so nothing is dropped silently here. Shards make the raw dataset one movable,
+versionable unit between KFP tasks and for DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import IngestConfig
+from components.ingest.sources import Source, parse_source
+from components.progress import progress
+from components.storage import ShardWriter, directory_hash, write_manifest
+
+RAW_PREFIX = "raw"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest produced: where, how many and the content hash."""
+
+    directory: Path
+    num_samples: int
+    content_hash: str
+    source: str
+
+
+def sample_id(source_name: str, relative_path: str) -> str:
+    """Stable sample id from where the file came from (not its bytes, so duplicates stay distinct)."""
+    return "s" + hashlib.sha1(f"{source_name}\0{relative_path}".encode()).hexdigest()[:16]
+
+
+def run(config: IngestConfig, output_dir: Path, source: Source | str | None = None) -> IngestResult:
+    """Ingest `source` (default: the recipe's) into `output_dir`: raw shards + manifest.parquet."""
+    if source is None or isinstance(source, str):
+        source = parse_source(source or config.source)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    items = list(source.items())
+    if config.max_samples is not None:
+        items = items[: config.max_samples]
+    if not items:
+        raise ValueError(f"source {source.describe()} has no files to ingest")
+    with ShardWriter(output_dir, RAW_PREFIX, config.shard_size) as writer:
+        for item in progress(items, description="ingest"):
+            data = item.read()
+            caption = item.caption[: config.max_caption_chars] if item.caption is not None else None
+            sid = sample_id(source.name, item.relative_path)
+            meta = {
+                "id": sid,
+                "source_path": item.source_path,
+                "relative_path": item.relative_path,
+                "caption": caption,
+                "caption_source": item.caption_source,
+                "category": item.category,
+            }
+            shard = writer.write(sid, {"bin": data, "json": json.dumps(meta, sort_keys=True).encode()})
+            rows.append({**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "shard": shard})
+    write_manifest(pd.DataFrame(rows), output_dir)
+    return IngestResult(output_dir, len(rows), directory_hash(output_dir), source.describe())
+
+
+def stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: object):
+    """Tracking glue for the runner: ingest the recipe's (or the given) source into `outputs['raw_dataset']`."""
+    from components.runner import StageOutput
+
+    result = run(recipe.ingest, outputs["raw_dataset"], source or None)
+    metadata = {"num_samples": result.num_samples, "content_hash": result.content_hash, "source": result.source}
+    tracker.set_tags({"dataset.source": result.source, "dataset.raw_sha256": result.content_hash})
+    return StageOutput(metadata=metadata, metrics={"ingest.samples": result.num_samples},
+                       artifacts=[result.directory / "manifest.parquet"])

@@ -1,0 +1,1 @@
+"""Pretrain stage: flow-matching text-to-image training (Lightning) on curated shards."""

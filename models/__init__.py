@@ -1,0 +1,1 @@
+"""Model code for reelforge: the DiT generator, flow matching, text encoder, checkpoints and Lightning training."""

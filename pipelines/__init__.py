@@ -1,0 +1,1 @@
+"""KFP pipelines, their compilation and local execution, and the `reelforge` CLI."""

@@ -1,0 +1,164 @@
+"""The `reelforge` command line: one verb per action, one table from stage verb to stage.
+
+    reelforge run      [--recipe demo] [--workdir DIR] [--source SOURCE]   whole pipeline, locally
+    reelforge compile  [--out DIR]                                       IR YAML for the KFP UI
+    reelforge <stage>  --recipe R ... --out DIR                          one stage alone (DVC, cluster)
+    reelforge recipes                                                    list / show recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import RecipeError, available_recipes, load_recipe
+
+# verb -> (stage name, {flag: input name}, output name or None, help)
+STAGE_VERBS: dict[str, tuple[str, dict[str, str], str | None, str]] = {
+    "ingest": ("ingest", {}, "raw_dataset", "copy a source's files and captions into raw shards + manifest"),
+    "curate": ("curate", {"--raw": "raw_dataset"}, "dataset", "decode, validate, filter, dedup and shard"),
+    "pretrain": ("pretrain", {"--dataset": "dataset"}, "model", "train the flow-matching model"),
+    "quality-tune": ("quality_tune", {"--dataset": "dataset", "--base-model": "base_model"}, "model",
+                     "fine-tune on the highest-quality samples"),
+    "evaluate": ("evaluate", {"--dataset": "dataset", "--pretrained": "pretrained", "--tuned": "tuned"},
+                 "evaluation", "compare the pretrained and tuned models on the prompt set"),
+    "register": ("register", {"--model": "model", "--dataset": "dataset", "--evaluation": "evaluation"}, None,
+                 "register a model in the MLflow registry"),
+}
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set pretrain.steps=100")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="demo",
+                        help=f"recipe name ({', '.join(available_recipes())}) or a YAML path (default: demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set pretrain.steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="reelforge",
+        description="Train, evaluate and register text-to-image models as Kubeflow Pipelines, "
+        "tracked in MLflow. Start with `reelforge run`.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run the training pipeline locally (KFP local runner, SQLite MLflow)",
+                           description="Run ingest -> curate -> pretrain -> quality_tune -> evaluate -> register "
+                           "through kfp.local on this machine.")
+    _add_recipe_args(run)
+    run.add_argument("--workdir", type=Path, default=Path("work"),
+                     help="where outputs, mlflow.db and the cache go (default: ./work)")
+    run.add_argument("--source", default="",
+                     help="data source: tuxpaint, tuxpaint:<dir>, folder:<dir> (default: the recipe's)")
+    run.add_argument("--no-cache", action="store_true", help="re-run ingest and curate even if cached")
+
+    compile_ = verbs.add_parser("compile", help="write every pipeline's IR YAML (upload it in the KFP UI)")
+    _add_recipe_args(compile_)
+    compile_.add_argument("--out", type=Path, default=Path("build/pipelines"), help="output folder")
+    compile_.add_argument("--image", default=None, help="container image for every component (default: the recipe's)")
+
+    recipes = verbs.add_parser("recipes", help="list recipes, or print one resolved with its defaults")
+    recipes.add_argument("name", nargs="?", help="recipe to print")
+
+    for verb, (stage, input_flags, output, help_text) in STAGE_VERBS.items():
+        sub = verbs.add_parser(verb, help=f"run the {stage} stage alone: {help_text}")
+        _add_recipe_args(sub)
+        for flag, input_name in input_flags.items():
+            sub.add_argument(flag, dest=f"input_{input_name}", type=Path, required=True,
+                             help=f"{input_name.replace('_', ' ')} directory")
+        if output:
+            sub.add_argument("--out", type=Path, required=True, help=f"output {output.replace('_', ' ')} directory")
+        if stage == "ingest":
+            sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, folder:<dir> (default: the recipe's)")
+        sub.add_argument("--workdir", type=Path, default=Path("work"),
+                         help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+    return parser
+
+
+def _print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = result.summary
+    table = Table(title="reelforge run finished", show_header=False)
+    table.add_row("work dir", str(result.workdir))
+    table.add_row("MLflow", f"{result.tracking_uri}\n(mlflow ui --backend-store-uri {result.tracking_uri})")
+    table.add_row("parent run", summary.get("mlflow_parent_run_id", "?"))
+    table.add_row("registered", f"{summary.get('model_name')} version {summary.get('version')} "
+                  f"(alias {summary.get('alias')}) -> models:/{summary.get('model_name')}@{summary.get('alias')}")
+    table.add_row("dataset", f"sha256 {str(summary.get('dataset_sha256', ''))[:16]}…")
+    for key, value in sorted(summary.items()):
+        if key.startswith("metric."):
+            table.add_row(key.removeprefix("metric."), f"{value:.4g}" if isinstance(value, float) else str(value))
+    for stage, seconds in result.stage_seconds.items():
+        table.add_row(f"{stage} time", f"{seconds:.1f} s")
+    table.add_row("total", f"{result.seconds:.1f} s")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `reelforge` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "recipes":
+            if args.name:
+                print(yaml.safe_dump(load_recipe(args.name).model_dump(mode="json"), sort_keys=False))
+            else:
+                print("\n".join(available_recipes()))
+            return 0
+        recipe = load_recipe(args.recipe, _overrides(args.overrides))
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    if args.verb == "run":
+        from pipelines.local import run_training
+
+        result = run_training(recipe, args.workdir, source=args.source, cache=not args.no_cache)
+        _print_summary(result)
+        return 0
+    if args.verb == "compile":
+        from pipelines.compile import compile_all
+
+        for path in compile_all(recipe, args.out, image=args.image):
+            print(path)
+        return 0
+
+    from components import tracking
+    from components.runner import RunContext, execute
+
+    stage, input_flags, output, _ = STAGE_VERBS[args.verb]
+    tracking.configure(args.workdir)
+    inputs = {name: getattr(args, f"input_{name}") for name in input_flags.values()}
+    for name, path in inputs.items():
+        if not path.is_dir():
+            print(f"error: {name} {path} is not a directory", file=sys.stderr)
+            return 2
+    outputs = {output: args.out} if output else {}
+    options = {"source": args.source} if stage == "ingest" else {}
+    from pipelines.local import git_commit
+
+    result = execute(stage, recipe, inputs, outputs, RunContext(git_commit=git_commit()), **options)
+    print(json.dumps(result.metadata, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The training pipeline: ingest -> curate -> pretrain -> quality_tune -> evaluate -> register.
+
+Every task is a lightweight Python component whose body only calls the stage's runner
+(`components.<stage>.component`); the work happens in `components.<stage>.stage.run`. Tasks
+run in the project's image with `install_kfp_package=False`, so nothing is pip-installed at
+run time (air-gapped clusters work, and kfp.local runs them in the current interpreter).
+The recipe travels as one JSON string parameter; its default is the recipe the pipeline was
+compiled with, so the KFP UI shows (and lets users edit) the whole recipe.
+"""
+
+
+from collections.abc import Callable  # no `from __future__ import annotations`: KFP reads real annotations
+
+from kfp import dsl
+
+from components.config import Recipe
+from components.curate.component import curate
+from components.evaluate.component import evaluate
+from components.ingest.component import ingest
+from components.pretrain.component import pretrain
+from components.quality_tune.component import quality_tune
+from components.register.component import register
+
+PIPELINE_NAME = "reelforge-training"
+STAGE_ORDER = ["ingest", "curate", "pretrain", "quality_tune", "evaluate", "register"]
+_FACES = {
+    "ingest": ingest,
+    "curate": curate,
+    "pretrain": pretrain,
+    "quality_tune": quality_tune,
+    "evaluate": evaluate,
+    "register": register,
+}
+# KFP caching on a cluster: only where equal inputs mean equal outputs. Ingest reads a
+# mutable source that is not an input artifact, and register/training have side effects or
+# are not bitwise deterministic on GPUs, so their cache is off. (Locally, the stage runner
+# caches ingest and curate by content, including the source's fingerprint.)
+_CACHED_ON_CLUSTER = {"curate"}
+
+
+def component_ops(image: str) -> dict[str, Callable]:
+    """The stage components, built to run in `image` without installing anything at run time."""
+    return {name: dsl.component(face, base_image=image, install_kfp_package=False) for name, face in _FACES.items()}
+
+
+def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
+    """The training pipeline function for `recipe` (its JSON is the `recipe` parameter default)."""
+    ops = component_ops(image or recipe.image)
+    default_recipe = recipe.to_json()
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="reelforge: curate data, pretrain a flow-matching text-to-image model, "
+        "quality-tune, evaluate side by side and register in MLflow.",
+    )
+    def training_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> str:
+        common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                      pipeline_name=PIPELINE_NAME, git_commit=git_commit)
+        ingest_task = ops["ingest"](source=source, **common).set_display_name("ingest")
+        curate_task = ops["curate"](raw_dataset=ingest_task.outputs["raw_dataset"], **common).set_display_name("curate")
+        dataset = curate_task.outputs["dataset"]
+        pretrain_task = ops["pretrain"](dataset=dataset, **common).set_display_name("pretrain")
+        tune_task = ops["quality_tune"](dataset=dataset, base_model=pretrain_task.outputs["model"], **common)
+        tune_task.set_display_name("quality-tune")
+        eval_task = ops["evaluate"](dataset=dataset, pretrained=pretrain_task.outputs["model"],
+                                    tuned=tune_task.outputs["model"], **common).set_display_name("evaluate")
+        register_task = ops["register"](model=tune_task.outputs["model"], dataset=dataset,
+                                        evaluation=eval_task.outputs["evaluation"], **common)
+        register_task.set_display_name("register")
+        for name, task in zip(STAGE_ORDER, [ingest_task, curate_task, pretrain_task, tune_task, eval_task, register_task]):
+            task.set_caching_options(name in _CACHED_ON_CLUSTER)
+        return register_task.output
+
+    return training_pipeline

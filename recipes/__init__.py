@@ -1,0 +1,1 @@
+"""Recipes shipped with reelforge: YAML data, one file per recipe (see components.config)."""

@@ -1,0 +1,163 @@
+"""Evaluation metrics on synthetic features with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from components.evaluate.metrics import (
+    caption_alignment_chance,
+    diversity,
+    frechet_distance,
+    kernel_inception_distance,
+    knn_caption_alignment,
+    knn_category_accuracy,
+    mean_confidence_interval,
+)
+
+DIM = 16
+
+
+def _gauss(n: int, shift: float = 0.0, scale: float = 1.0, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    """``n`` samples of N(shift * 1, scale^2 I)."""
+    return np.random.default_rng(seed).normal(shift, scale, size=(n, dim))
+
+
+def test_frechet_distance_of_set_with_itself_is_zero() -> None:
+    """FD(a, a) = 0 up to round-off (and is never negative)."""
+    a = _gauss(400)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_grows_with_shift() -> None:
+    """Equal covariances: FD ~= ||mu_a - mu_b||^2 = dim * shift^2, increasing in the shift."""
+    a = _gauss(4000, seed=1)
+    values = [frechet_distance(a, _gauss(4000, shift=s, seed=2)) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert all(lo < hi for lo, hi in zip(values, values[1:], strict=False))
+    assert values[0] < 0.1
+    assert values[-1] == pytest.approx(DIM * 2.0**2, rel=0.05)
+
+
+def test_frechet_distance_covariance_term() -> None:
+    """N(0, I) vs N(0, 4I): Tr(I + 4I - 2*2I) = dim."""
+    fd = frechet_distance(_gauss(4000, seed=3), _gauss(4000, scale=2.0, seed=4))
+    assert fd == pytest.approx(DIM, rel=0.1)
+
+
+def test_frechet_distance_singular_covariance_is_finite() -> None:
+    """Fewer samples than dimensions (rank-deficient covariances) still yields a finite value."""
+    a, b = _gauss(10, seed=5, dim=64), _gauss(12, shift=1.0, seed=6, dim=64)
+    fd = frechet_distance(a, b)
+    assert np.isfinite(fd) and fd > 0
+
+
+def test_kid_near_zero_for_same_distribution_and_positive_when_shifted() -> None:
+    """Unbiased MMD^2 ~ 0 for two samples of one distribution; clearly > 0 after a shift."""
+    a, b = _gauss(600, seed=7), _gauss(600, seed=8)
+    same_mean, same_std = kernel_inception_distance(a, b, subsets=10, subset_size=150)
+    shifted_mean, _ = kernel_inception_distance(a, _gauss(600, shift=0.5, seed=9), subsets=10, subset_size=150)
+    assert abs(same_mean) < 0.05
+    assert same_std >= 0
+    assert shifted_mean > 10 * max(abs(same_mean), 0.01)
+    # Same seed, same subsets: reproducible.
+    assert kernel_inception_distance(a, b, subsets=5, subset_size=100, seed=3) == kernel_inception_distance(
+        a, b, subsets=5, subset_size=100, seed=3
+    )
+
+
+def _captioned_references(per_cat: int = 20, n_cats: int = 4, seed: int = 0):
+    """Reference image features clustered by category, with per-category caption embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_cats, 32)) * 5
+    caption_centres = rng.normal(size=(n_cats, 24))
+    cats = np.repeat(np.arange(n_cats), per_cat)
+    ref_feats = centres[cats] + rng.normal(size=(cats.size, 32))
+    captions = caption_centres[cats] + 0.3 * rng.normal(size=(cats.size, 24))
+    captions /= np.linalg.norm(captions, axis=1, keepdims=True)
+    return centres, caption_centres / np.linalg.norm(caption_centres, axis=1, keepdims=True), ref_feats, captions, cats
+
+
+def test_knn_caption_alignment_rewards_images_near_matching_references() -> None:
+    """Generated images near references captioned like their prompt score higher than mismatched ones."""
+    centres, prompt_bank, ref_feats, captions, _ = _captioned_references()
+    rng = np.random.default_rng(1)
+    prompt_cat = np.array([0, 1, 2, 3, 0, 1])
+    prompts = prompt_bank[prompt_cat]
+    matched = centres[prompt_cat] + rng.normal(size=(6, 32))
+    mismatched = centres[(prompt_cat + 1) % 4] + rng.normal(size=(6, 32))
+
+    good = knn_caption_alignment(matched, prompts, ref_feats, captions, k=5)
+    bad = knn_caption_alignment(mismatched, prompts, ref_feats, captions, k=5)
+    assert good.shape == (6,)
+    assert np.all(good > bad)
+    assert np.all(good > 0.8) and np.all(good <= 1.0 + 1e-9)
+    # Mismatched content sits near the chance floor, well below matched content.
+    chance = caption_alignment_chance(prompts, captions)
+    assert chance.shape == (6,)
+    assert np.all(good > chance + 0.3)
+
+
+def test_knn_category_accuracy_perfect_and_zero() -> None:
+    """Majority vote over clustered references: 1.0 when on-cluster, 0.0 when on the wrong cluster."""
+    centres, _, ref_feats, _, cats = _captioned_references()
+    rng = np.random.default_rng(2)
+    prompt_cat = np.arange(4).repeat(3)
+    on = centres[prompt_cat] + rng.normal(size=(12, 32))
+    off = centres[(prompt_cat + 2) % 4] + rng.normal(size=(12, 32))
+    labels = [f"cat{c}" for c in cats]
+    prompt_labels = [f"cat{c}" for c in prompt_cat]
+    assert knn_category_accuracy(on, prompt_labels, ref_feats, labels, k=5) == 1.0
+    assert knn_category_accuracy(off, prompt_labels, ref_feats, labels, k=5) == 0.0
+
+
+def test_knn_category_tie_goes_to_nearest_neighbour() -> None:
+    """A 1-1 vote is decided by the closer reference."""
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    gen = np.array([[0.9, 0.1], [0.1, 0.9]])
+    assert knn_category_accuracy(gen, ["a", "b"], ref, ["a", "b"], k=2) == 1.0
+
+
+def test_confidence_interval_contains_mean_and_narrows() -> None:
+    """The t-interval brackets the mean, matches scipy, and shrinks with more samples."""
+    rng = np.random.default_rng(3)
+    small, large = rng.normal(5.0, 1.0, 20), rng.normal(5.0, 1.0, 2000)
+    mean_s, lo_s, hi_s = mean_confidence_interval(small)
+    mean_l, lo_l, hi_l = mean_confidence_interval(large)
+    assert lo_s < mean_s < hi_s and lo_l < mean_l < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+    ref_lo, ref_hi = scipy.stats.t.interval(0.95, df=19, loc=small.mean(), scale=scipy.stats.sem(small))
+    assert (lo_s, hi_s) == pytest.approx((ref_lo, ref_hi))
+    assert mean_confidence_interval(small, confidence=0.99)[2] > hi_s
+    assert mean_confidence_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    single = mean_confidence_interval([1.5])
+    assert single[0] == 1.5 and np.isnan(single[1]) and np.isnan(single[2])
+
+
+def test_diversity() -> None:
+    """Identical features -> 0, mutually orthogonal -> 1, random -> in between; scale-invariant."""
+    assert diversity(np.tile([[1.0, 2.0, 3.0]], (5, 1))) == pytest.approx(0.0, abs=1e-12)
+    assert diversity(np.eye(6)) == pytest.approx(1.0)
+    x = np.abs(_gauss(50, seed=4))
+    value = diversity(x)
+    assert 0.0 < value < 1.0
+    assert diversity(x * 7.0) == pytest.approx(value)
+    # Brute force over all pairs agrees with the O(N D) formula.
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = u @ u.T
+    brute = 1.0 - (cos.sum() - np.trace(cos)) / (50 * 49)
+    assert value == pytest.approx(brute)
+
+
+def test_metrics_validate_inputs() -> None:
+    """Mismatched shapes and too-small sets fail with ValueError."""
+    with pytest.raises(ValueError):
+        frechet_distance(_gauss(10), _gauss(10, dim=8))
+    with pytest.raises(ValueError):
+        frechet_distance(_gauss(1), _gauss(10))
+    with pytest.raises(ValueError):
+        knn_caption_alignment(_gauss(3), _gauss(4), _gauss(5), _gauss(5))
+    with pytest.raises(ValueError):
+        knn_category_accuracy(_gauss(3), ["a"], _gauss(5), ["a"] * 5)
+    with pytest.raises(ValueError):
+        mean_confidence_interval([])
