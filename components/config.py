@@ -105,7 +105,9 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of captions replaced by the empty one (for CFG).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 = off).")
-    precision: Literal["bf16-mixed", "32-true", "16-mixed"] = Field("bf16-mixed", description="Lightning precision.")
+    precision: Literal["auto", "bf16-mixed", "32-true", "16-mixed"] = Field(
+        "auto", description="Lightning precision; auto = bf16-mixed where the hardware runs bf16 fast, else fp32."
+    )
     seed: int = Field(0, description="Seed for init, data order, timesteps and noise.")
     sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0 = only at the end).")
     val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")

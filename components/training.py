@@ -29,6 +29,7 @@ from models.checkpoint import load_model_dir, save_model_dir
 from models.dit import DiTConfig
 from models.flow import FlowMatchingConfig
 from models.generate import TextToImage, image_grid
+from models.hardware import resolve_precision
 from models.text_encoder import TextEmbeddings, TextEncoder
 from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConfig
 
@@ -204,10 +205,12 @@ def train(
     interactive = sys.stderr.isatty()
     callbacks: list[lightning.Callback] = [grids] if interactive else [grids, PlainProgress(stage)]
     val_every = config.val_every if 0 < config.val_every <= config.steps else None
+    precision = resolve_precision(config.precision)
+    tracker.set_tags({f"{stage}.precision": precision})
     trainer = lightning.Trainer(
         accelerator="cpu",
         devices=1,
-        precision=config.precision,
+        precision=precision,
         max_steps=config.steps,
         gradient_clip_val=config.grad_clip or None,
         logger=logger,
@@ -228,7 +231,7 @@ def train(
     # Read before validate(): Lightning resets callback_metrics when a new loop starts.
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     # A separate trainer: the fit trainer may have validation switched off (limit_val_batches=0).
-    validator = lightning.Trainer(accelerator="cpu", devices=1, precision=config.precision, logger=False,
+    validator = lightning.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
                                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     validated = validator.validate(module, dataloaders=val_loader, verbose=False)
     val_loss = float(validated[0]["val/loss"]) if validated else float("nan")
@@ -237,6 +240,7 @@ def train(
         "stage": stage,
         "step": int(trainer.global_step),
         "metrics": {"train_loss": train_loss, "val_loss": val_loss, "images_per_second": throughput},
+        "precision": precision,
         "train_samples": len(train_set),
         **(lineage or {}),
     }

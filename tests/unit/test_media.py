@@ -91,6 +91,7 @@ def test_every_reason_has_a_description_and_stable_value() -> None:
         "animated",
         "bad_aspect_ratio",
         "exact_duplicate",
+        "low_quality",
     }
     assert RejectReason.TRUNCATED == "truncated"
 
