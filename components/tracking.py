@@ -8,10 +8,7 @@ would clash with Lightning's MLflow logger writing to the same run from the same
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,23 +218,3 @@ def stage_run(
             mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
     mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
-
-
-def log_json_file(tracker: StageTracker, data: Any, directory: Path, name: str) -> Path:
-    """Write `data` as pretty JSON under `directory` and log it; returns the file path."""
-    path = Path(directory) / name
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    tracker.log_artifact(path)
-    return path
-
-
-def png_bytes(image: Any) -> bytes:
-    """PNG bytes of a PIL image (for artifacts written outside MLflow too)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    """A scratch directory for artifacts that only need to live until they are logged."""
-    return tempfile.TemporaryDirectory(prefix="reelforge-")

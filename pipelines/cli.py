@@ -107,8 +107,11 @@ def _print_summary(result: Any) -> None:
     for key, value in sorted(summary.items()):
         if key.startswith("metric."):
             table.add_row(key.removeprefix("metric."), f"{value:.4g}" if isinstance(value, float) else str(value))
-    for stage, seconds in result.stage_seconds.items():
-        table.add_row(f"{stage} time", f"{seconds:.1f} s")
+    from pipelines.training import STAGE_ORDER
+
+    for stage in STAGE_ORDER:
+        if stage in result.stage_seconds:
+            table.add_row(f"{stage} time", f"{result.stage_seconds[stage]:.1f} s")
     table.add_row("total", f"{result.seconds:.1f} s")
     console.print(table)
 
@@ -131,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "run":
         from pipelines.local import run_training
 
-        result = run_training(recipe, args.workdir, source=args.source, cache=not args.no_cache)
+        try:
+            result = run_training(recipe, args.workdir, source=args.source, cache=not args.no_cache)
+        except RuntimeError as error:
+            # kfp.local raises after printing the failing task's log; the stage's MLflow run
+            # and the parent run are already marked FAILED.
+            print(f"error: pipeline failed: {error}\nThe failing task's log is above; outputs so far are "
+                  f"under {args.workdir}.", file=sys.stderr)
+            return 1
         _print_summary(result)
         return 0
     if args.verb == "compile":

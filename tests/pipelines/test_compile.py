@@ -1,0 +1,74 @@
+"""The compiled IR is what users upload in the KFP UI: check it loads and says what we mean."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import components as kfp_components
+
+from components.config import load_recipe
+from pipelines.cli import main
+from pipelines.compile import compile_all
+from pipelines.training import PIPELINE_NAME, STAGE_ORDER
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ir")
+    assert main(["compile", "--recipe", "tiny", "--out", str(out), "--image", "registry.example/reelforge@sha256:" + "a" * 64]) == 0
+    path = out / f"{PIPELINE_NAME}.yaml"
+    return {"path": path, "spec": yaml.safe_load(path.read_text())}
+
+
+def test_one_file_per_pipeline_that_kfp_loads(compiled) -> None:
+    loaded = kfp_components.load_component_from_file(str(compiled["path"]))
+    assert loaded.name == PIPELINE_NAME
+    assert {"recipe", "source", "git_commit"} <= set(loaded.component_spec.inputs)
+
+
+def test_dag_runs_the_stages_in_order(compiled) -> None:
+    tasks = compiled["spec"]["root"]["dag"]["tasks"]
+    assert set(tasks) == {s.replace("_", "-") for s in STAGE_ORDER}
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert depends["curate"] == {"ingest"}
+    assert depends["pretrain"] == {"curate"}
+    assert depends["quality-tune"] == {"curate", "pretrain"}
+    assert depends["evaluate"] == {"curate", "pretrain", "quality-tune"}
+    assert depends["register"] == {"curate", "quality-tune", "evaluate"}
+
+
+def test_every_component_runs_in_the_project_image_without_installing(compiled) -> None:
+    executors = compiled["spec"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(STAGE_ORDER)
+    for executor in executors.values():
+        container = executor["container"]
+        assert container["image"] == "registry.example/reelforge@sha256:" + "a" * 64
+        assert "pip install" not in " ".join(container["command"])
+
+
+def test_artifacts_are_typed_and_the_recipe_is_the_default(compiled) -> None:
+    spec = compiled["spec"]
+    components = spec["components"]
+    outputs = {name: c.get("outputDefinitions", {}).get("artifacts", {}) for name, c in components.items()}
+    assert outputs["comp-ingest"]["raw_dataset"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    assert outputs["comp-curate"]["dataset"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    assert outputs["comp-pretrain"]["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert outputs["comp-evaluate"]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    default = spec["root"]["inputDefinitions"]["parameters"]["recipe"]["defaultValue"]
+    assert json.loads(default)["name"] == "tiny"
+
+
+def test_caching_only_where_outputs_depend_on_inputs_alone(compiled) -> None:
+    tasks = compiled["spec"]["root"]["dag"]["tasks"]
+    cached = {name for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"curate"}
+
+
+def test_compile_defaults_to_the_recipe_image(tmp_path: Path) -> None:
+    recipe = load_recipe("demo")
+    (path,) = compile_all(recipe, tmp_path)
+    executors = yaml.safe_load(path.read_text())["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {recipe.image}
