@@ -25,6 +25,17 @@ for _key, _value in {
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small models spend more time handing work between threads than computing; one thread keeps them fast."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store for this test, set as MLFLOW_TRACKING_URI."""

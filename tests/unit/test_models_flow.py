@@ -17,13 +17,7 @@ from models.flow import (
 SHAPE = (2, 3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small models spend more time handing work between threads than computing; one thread keeps this fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _text(batch: int = 2, length: int = 4, dim: int = 6, value: float = 1.0):

@@ -6,13 +6,7 @@ import torch
 from models.text_encoder import TextEmbeddings, TextEncoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small models spend more time handing work between threads than computing; one thread keeps this fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

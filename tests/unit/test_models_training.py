@@ -14,13 +14,7 @@ from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConf
 CONFIG = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small models spend more time handing work between threads than computing; one thread keeps this fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _toy_text(seed: int = 0) -> TextEmbeddings:

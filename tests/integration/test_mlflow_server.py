@@ -1,0 +1,117 @@
+"""Tracking and the registry against a real `mlflow server` on PostgreSQL, as on a cluster.
+
+Starts `mlflow server` with a PostgreSQL backend store (a fresh database per test session) and a
+proxied artifact store, then runs stages with MLFLOW_TRACKING_URI=http://...: the same code
+path a KFP task on the cluster takes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from components import tracking
+from components.config import load_recipe
+from components.register.stage import run as register
+from components.runner import RunContext, execute
+
+pytestmark = pytest.mark.integration
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is a test dependency; run `make test`")
+    try:
+        admin = psycopg2.connect(PG_DSN)
+    except psycopg2.OperationalError as error:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({error}); .ci/run starts it: "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+    admin.autocommit = True
+    database = f"reelforge_test_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server",
+         "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+         "--artifacts-destination", (root / "artifacts").as_uri(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # loopback only
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        admin.close()
+
+
+def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("REELFORGE_CACHE_DIR", raising=False)
+    source, expected = image_folder
+    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.min_side": 16, "pretrain.steps": 2,
+                                  "pretrain.sample_every": 0, "pretrain.val_every": 0})
+    context = RunContext(pipeline_job_id=f"job-{uuid.uuid4().hex[:6]}", pipeline_name="reelforge-training",
+                         git_commit="abc123")
+    raw = execute("ingest", recipe, {}, {"raw_dataset": tmp_path / "raw"}, context, source=f"folder:{source}")
+    curated = execute("curate", recipe, {"raw_dataset": tmp_path / "raw"}, {"dataset": tmp_path / "data"}, context)
+    trained = execute("pretrain", recipe, {"dataset": tmp_path / "data"}, {"model": tmp_path / "model"}, context)
+
+    parent = raw.metadata["mlflow_parent_run_id"]
+    assert curated.metadata["mlflow_parent_run_id"] == parent == trained.metadata["mlflow_parent_run_id"]
+    client = tracking.client()
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert {r.data.tags["reelforge.stage"] for r in children} == {"ingest", "curate", "pretrain"}
+    assert client.get_run(curated.metadata["mlflow_run_id"]).data.metrics["curate.accepted"] == expected["good"]
+    # Artifacts went through the server's proxy into --artifacts-destination.
+    assert {"report.html", "report.json"} <= {a.path for a in client.list_artifacts(curated.metadata["mlflow_run_id"])}
+
+    registration = register(recipe.register, tmp_path / "model", trained.metadata["mlflow_run_id"],
+                            {"dataset.sha256": curated.metadata["content_hash"], "git.commit": context.git_commit},
+                            {"alignment": 0.5})
+    version = client.get_model_version_by_alias(recipe.register.model_name, "candidate")
+    assert version.version == registration.version
+    assert version.tags["dataset.sha256"] == curated.metadata["content_hash"]
+
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"models:/{recipe.register.model_name}@candidate")
+    out = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"steps": 2})
+    assert len(out) == 1 and out["width"][0] == recipe.curate.resolution
+
+    again = register(recipe.register, tmp_path / "model", trained.metadata["mlflow_run_id"], {}, {})
+    assert (again.version, again.created) == (registration.version, False), "same weights, same version"
