@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "run":
         from pipelines.local import run_training
 
+        from rich.console import Console
+
+        from pipelines.training import STAGE_ORDER
+
+        Console(stderr=True).print(
+            f"[bold]reelforge run[/bold]: recipe [cyan]{recipe.name}[/cyan], stages {' -> '.join(STAGE_ORDER)}; "
+            f"outputs, MLflow and cache under [cyan]{args.workdir}[/cyan]. Each task's log follows."
+        )
         try:
             result = run_training(recipe, args.workdir, source=args.source, cache=not args.no_cache)
         except RuntimeError as error:

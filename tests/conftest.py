@@ -74,6 +74,9 @@ def make_image_folder(root: Path, per_colour: int = 6, bad_files: bool = True) -
             path.write_bytes(_png(colour, pattern=index))
             captions.append({"file": f"{name}/{path.name}", "caption": f"a {name} circle"})
             count += 1
+    # A good image nobody captioned: kept, with an empty caption (caption_source "none").
+    (root / "uncaptioned.png").write_bytes(_png((120, 60, 200), pattern=3))
+    count += 1
     expected = {"good": count}
     if bad_files:
         (root / "zero.png").write_bytes(b"")
@@ -89,7 +92,7 @@ def make_image_folder(root: Path, per_colour: int = 6, bad_files: bool = True) -
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    """A folder source with 24 good captioned images and five bad files."""
+    """A folder source with 25 good images (one without a caption) and five bad files."""
     root = tmp_path / "source"
     return root, make_image_folder(root)
 

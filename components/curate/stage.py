@@ -129,7 +129,9 @@ def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
     removed: list[dict[str, Any]] = []
     for result in results:
         raw = raw_manifest.loc[result["id"]]
-        base = {k: raw[k] for k in ("id", "source_path", "caption", "caption_source", "category", "sha256", "bytes")}
+        # Parquet turns missing captions/categories into NaN; keep them as None.
+        base = {k: (None if pd.isna(raw[k]) else raw[k])
+                for k in ("id", "source_path", "caption", "caption_source", "category", "sha256", "bytes")}
         row = {**base, **result}
         if row["status"] == "ok":
             first = seen_sha.get(row["sha256"])

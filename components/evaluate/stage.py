@@ -8,8 +8,10 @@ Metrics (per model, same prompts, same seed):
 - fd / kid: Frechet and kernel distance to the held-out real images in EfficientNet features
   (lower = closer to real data). With a few hundred images these are biased upwards: compare
   models within one run, not across runs with different sample counts.
-- quality: the curation technical-quality score of the generated images (sharpness, colour,
-  exposure); diversity: mean pairwise feature distance.
+- realism: cosine similarity of each image to its nearest real image in EfficientNet features
+  (a per-sample quality score that noise cannot game); diversity: mean pairwise feature distance.
+- technical_quality: the curation score (sharpness, colour, exposure) of the generated images;
+  reported for reference only, since noise is sharp and colourful and scores high on it.
 - latency_ms / latency_single_ms: median wall time per image at the recipe's steps, for a batch
   of 8 prompts and for one prompt, after warm-up.
 """
@@ -36,7 +38,9 @@ from components.evaluate.metrics import (
     knn_caption_alignment,
     knn_category_accuracy,
     mean_confidence_interval,
+    realism,
 )
+from components.evaluate.metrics import HEADLINE_METRICS as HEADLINE
 from components.evaluate.prompts import Prompt, load_prompts, spread
 from components.media import technical_quality
 from components.training import configure_torch, embed, load_split
@@ -45,7 +49,6 @@ from models.hardware import autocast_dtype, resolve_precision
 from models.text_encoder import TextEncoder
 from models.vision_features import ImageFeatureExtractor
 
-HEADLINE = ["alignment", "category_accuracy", "fd", "kid", "quality", "diversity", "latency_ms"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def score_images(images: torch.Tensor, prompts: list[Prompt], prompt_embeddings:
                                                    reference.categories, knn),
         "fd": frechet_distance(feats, reference.holdout_features),
         "kid": kid_mean,
-        "quality": float(np.mean(quality)),
+        "realism": float(realism(feats, reference.features).mean()),
+        "technical_quality": float(np.mean(quality)),
         "diversity": diversity(feats),
     }
 
@@ -155,7 +159,7 @@ def write_report(output_dir: Path, results: dict[str, dict[str, Any]], context: 
                  grid_prompts: list[str]) -> Path:
     """A side-by-side HTML table of the headline metrics with each model's sample grid."""
     better = {"alignment": "higher", "category_accuracy": "higher", "fd": "lower", "kid": "lower",
-              "quality": "higher", "diversity": "higher", "latency_ms": "lower"}
+              "realism": "higher", "diversity": "higher", "latency_ms": "lower"}
     header = "".join(f"<th>{html.escape(n)}</th>" for n in results)
     rows = []
     for metric in HEADLINE:

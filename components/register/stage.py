@@ -19,6 +19,7 @@ import pandas as pd
 
 from components import tracking
 from components.config import RegisterConfig
+from components.evaluate.metrics import HEADLINE_METRICS
 from components.media import sha256_file
 from components.storage import dataset_hash
 
@@ -82,7 +83,9 @@ def run(config: RegisterConfig, model_dir: Path, run_id: str, lineage: dict[str,
     tags.update({f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()})
     existing = _existing_version(client, config.model_name, weights_sha)
     if existing is not None:
-        version, created = existing.version, False
+        # Same weights as an existing version: keep that version's lineage (it records the run
+        # that made these weights first) and only move the alias.
+        version, created, tags = existing.version, False, dict(existing.tags)
     else:
         mlflow.set_tracking_uri(tracking.tracking_uri())
         with mlflow.start_run(run_id=run_id):
@@ -97,8 +100,6 @@ def run(config: RegisterConfig, model_dir: Path, run_id: str, lineage: dict[str,
         registered = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
         version, created = registered.version, True
         _smoke_test(f"models:/{config.model_name}/{version}")
-    for key, value in tags.items():
-        client.set_model_version_tag(config.model_name, version, key, value)
     client.set_registered_model_alias(config.model_name, config.alias, version)
     return Registration(config.model_name, str(version), config.alias, created, weights_sha, tags)
 
@@ -119,8 +120,7 @@ def stage(recipe, inputs, outputs, tracker, context, **_: object):
 
     evaluation = json.loads((Path(inputs["evaluation"]) / "metrics.json").read_text(encoding="utf-8"))
     tuned = evaluation["models"]["tuned"]
-    metrics = {k: float(v) for k, v in tuned.items() if k in ("alignment", "category_accuracy", "fd", "kid",
-                                                              "quality", "diversity", "latency_ms")}
+    metrics = {k: float(v) for k, v in tuned.items() if k in HEADLINE_METRICS}
     parent = tracking.find_parent_run(recipe.tracking.experiment, context.pipeline_job_id) if context.pipeline_job_id else None
     model_state = json.loads((Path(inputs["model"]) / "state.json").read_text(encoding="utf-8"))
     lineage = {

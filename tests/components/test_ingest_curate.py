@@ -55,6 +55,8 @@ def test_bad_files_are_quarantined_with_reasons_and_counts_add_up(image_folder, 
 
     assert Image.open(io.BytesIO(first.members["png"])).size == (recipe.curate.resolution,) * 2
     assert set(manifest["split"]) <= {"train", "val"}
+    uncaptioned = manifest[manifest["source_path"].str.endswith("uncaptioned.png")].iloc[0]
+    assert uncaptioned["caption_source"] == "none" and pd.isna(uncaptioned["caption"])
     assert {"sha256", "quality", "sharpness", "caption", "caption_source", "width", "height", "shard"} <= set(manifest.columns)
 
 

@@ -104,7 +104,7 @@ def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, 
                             {"dataset.sha256": curated.metadata["content_hash"], "git.commit": context.git_commit},
                             {"alignment": 0.5})
     version = client.get_model_version_by_alias(recipe.register.model_name, "candidate")
-    assert version.version == registration.version
+    assert str(version.version) == registration.version
     assert version.tags["dataset.sha256"] == curated.metadata["content_hash"]
 
     import mlflow.pyfunc

@@ -161,3 +161,14 @@ def test_metrics_validate_inputs() -> None:
         knn_category_accuracy(_gauss(3), ["a"], _gauss(5), ["a"] * 5)
     with pytest.raises(ValueError):
         mean_confidence_interval([])
+
+
+def test_realism_prefers_images_near_real_ones_over_noise() -> None:
+    from components.evaluate.metrics import realism
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(50, 64)) + 3.0  # real images cluster away from the origin
+    near_copies = real[:10] + 0.1 * rng.normal(size=(10, 64))
+    noise = rng.normal(size=(10, 64))
+    assert realism(near_copies, real).mean() > 0.95
+    assert realism(noise, real).mean() < realism(near_copies, real).mean() - 0.5
