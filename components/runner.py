@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -76,11 +77,15 @@ class StageSpec:
     module: str  # module with the stage's `run()` and its tracking glue `stage()`
     sections: tuple[str, ...]  # recipe sections that determine its output (params, cache key)
     deterministic: bool  # same inputs + config -> same bytes, so it may be cached
+    code: tuple[str, ...] = ()  # modules whose source is part of the cache key (edit one -> re-run)
 
 
 STAGES: dict[str, StageSpec] = {
-    "ingest": StageSpec("components.ingest.stage", ("ingest",), deterministic=True),
-    "curate": StageSpec("components.curate.stage", ("curate",), deterministic=True),
+    "ingest": StageSpec("components.ingest.stage", ("ingest",), deterministic=True,
+                        code=("components.ingest.stage", "components.ingest.sources", "components.storage")),
+    "curate": StageSpec("components.curate.stage", ("curate",), deterministic=True,
+                        code=("components.curate.stage", "components.curate.report", "components.media",
+                              "components.storage")),
     "pretrain": StageSpec("components.pretrain.stage", ("model", "text", "pretrain", "evaluate"), deterministic=False),
     "quality_tune": StageSpec("components.quality_tune.stage", ("text", "quality_tune", "evaluate"), deterministic=False),
     "evaluate": StageSpec("components.evaluate.stage", ("text", "evaluate"), deterministic=False),
@@ -100,6 +105,7 @@ def _cache_key(name: str, recipe: Recipe, inputs: Mapping[str, Path], options: M
         "config": {s: recipe.model_dump(mode="json")[s] for s in spec.sections},
         "inputs": {k: directory_hash(Path(v)) for k, v in sorted(inputs.items())},
         "options": {k: str(v) for k, v in sorted(options.items())},
+        "code": {m: hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in spec.code},
     }
     if name == "ingest":
         from components.ingest.sources import parse_source

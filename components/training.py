@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def configure_torch(threads: int) -> None:
     torch.set_flush_denormal(True)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+    # Lightning 2.6 builds a torch pytree LeafSpec that torch 2.13 flags as deprecated, once per batch.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     tracking.quiet_environment()
 
 

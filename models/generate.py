@@ -30,7 +30,9 @@ class TextToImage:
     """A loaded generator with its text encoder; call it with prompts to get images."""
 
     def __init__(self, model: DiT, text_encoder: TextEncoder, config: dict[str, Any], state: dict[str, Any]) -> None:
-        self.model = model.eval()
+        # Left in the caller's train/eval mode: during training this wraps the live EMA module
+        # (the DiT has no dropout or norm statistics, so the mode does not change samples).
+        self.model = model
         self.text_encoder = text_encoder
         self.config = config
         self.state = state
@@ -42,6 +44,7 @@ class TextToImage:
         weights, config, state = load_model_dir(Path(directory))
         model = DiT(DiTConfig(**config["model"]))
         model.load_state_dict(weights)
+        model.eval()
         encoder = text_encoder or TextEncoder(max_tokens=int(config["text"]["max_tokens"]))
         return cls(model, encoder, config, state)
 
