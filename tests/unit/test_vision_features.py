@@ -112,10 +112,10 @@ def test_real_photo_is_classified_correctly(extractor: ImageFeatureExtractor) ->
     Grace Hopper in uniform is ImageNet class 652 ("military uniform") for any sound
     ImageNet classifier; wrong normalisation or channel order breaks this first.
     """
-    mpl_data = pytest.importorskip("matplotlib").get_data_path()
-    path = Path(mpl_data) / "sample_data" / "grace_hopper.jpg"
-    if not path.is_file():
-        pytest.skip("matplotlib sample photo not installed")
+    import matplotlib  # installed with mlflow; its sample data ships a real photo
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    assert path.is_file(), f"{path} is missing: matplotlib's sample data is expected with the installed stack"
     with Image.open(path) as img:
         x = _to_uint8_tensor(img)
     assert int(extractor.logits(x).argmax()) == 652
