@@ -18,7 +18,9 @@ Metrics (per model, same prompts, same seed):
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -135,6 +137,7 @@ def run(config: EvaluateConfig, dataset_dir: Path, models: dict[str, Path], outp
     # bf16 sampling where the hardware runs it fast (it scored the same as fp32 where measured).
     sampling = {**config.sampling.model_dump(), "autocast_dtype": autocast_dtype(resolve_precision("auto"))}
     results: dict[str, dict[str, Any]] = {}
+    grid_images: dict[str, np.ndarray] = {}
     grid_index = [prompts.index(p) for p in spread(prompts, config.grid_prompts)]
     for name, directory in models.items():
         generator = TextToImage.from_dir(directory, text_encoder=encoder)
@@ -143,38 +146,50 @@ def run(config: EvaluateConfig, dataset_dir: Path, models: dict[str, Path], outp
         metrics = score_images(images, prompts, pooled, reference, extractor, config.knn)
         metrics.update(latency_ms=batched_ms, latency_single_ms=single_ms, steps=config.sampling.steps)
         results[name] = metrics
-        grid = image_grid(to_uint8(images[grid_index]), columns=8, upscale=2)
-        Image.fromarray(grid).save(output_dir / f"grid_{name}.png")
+        grid_images[name] = to_uint8(images[grid_index])
+        Image.fromarray(image_grid(grid_images[name], columns=8, upscale=2)).save(output_dir / f"grid_{name}.png")
     # The floor every metric should beat: an untrained adaLN-zero model returns its input noise.
     noise = torch.randn((len(prompts), 3, generator.image_size, generator.image_size),
                         generator=torch.Generator().manual_seed(config.sampling.seed)).clamp(-1, 1)
     results["noise_floor"] = score_images(noise, prompts, pooled, reference, extractor, config.knn)
     summary = {"models": results, "context": context, "prompts": [p.__dict__ for p in prompts]}
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    write_report(output_dir, results, context, [prompts[i].text for i in grid_index])
+    write_report(output_dir, results, context, [prompts[i].text for i in grid_index], grid_images)
     return summary
 
 
+def _png_data_uri(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def write_report(output_dir: Path, results: dict[str, dict[str, Any]], context: dict[str, Any],
-                 grid_prompts: list[str]) -> Path:
-    """A side-by-side HTML table of the headline metrics with each model's sample grid."""
+                 grid_prompts: list[str], grid_images: dict[str, np.ndarray]) -> Path:
+    """A self-contained HTML page: headline metrics side by side, then one row per grid prompt
+    with each model's image next to the others (uint8 [P,H,W,3] per model in `grid_images`)."""
     better = {"alignment": "higher", "category_accuracy": "higher", "fd": "lower", "kid": "lower",
               "realism": "higher", "diversity": "higher", "latency_ms": "lower"}
     header = "".join(f"<th>{html.escape(n)}</th>" for n in results)
     rows = []
     for metric in HEADLINE:
-        cells = "".join(f"<td>{results[n].get(metric, float('nan')):.4g}</td>" for n in results)
+        cells = "".join(
+            f"<td>{results[n][metric]:.4g}</td>" if metric in results[n] else "<td>&mdash;</td>" for n in results)
         rows.append(f"<tr><td>{metric} ({better[metric]} is better)</td>{cells}</tr>")
-    grids = "".join(
-        f"<h3>{html.escape(n)}</h3><img src='grid_{html.escape(n)}.png' style='image-rendering:pixelated;width:600px'>"
-        for n in results if (output_dir / f"grid_{n}.png").exists())
+    sample_header = "".join(f"<th>{html.escape(n)}</th>" for n in grid_images)
+    sample_rows = []
+    for index, prompt in enumerate(grid_prompts):
+        cells = "".join(f"<td><img src='{_png_data_uri(images[index])}'></td>" for images in grid_images.values())
+        sample_rows.append(f"<tr><td>{html.escape(prompt)}</td>{cells}</tr>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>reelforge evaluation</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-table{{border-collapse:collapse}}</style></head><body><h1>Evaluation</h1>
+table{{border-collapse:collapse}}img{{width:96px;height:96px;image-rendering:pixelated}}</style></head><body>
+<h1>Evaluation</h1>
 <p>{context['prompts']} prompts from <code>{html.escape(str(context['prompt_set']))}</code>. Alignment chance floor
 {context['alignment_chance_floor']:.3f}; real held-out images score {context['alignment_ceiling_real_images']:.3f}.</p>
 <table><tr><th>metric</th>{header}</tr>{''.join(rows)}</table>
-<p>Grid prompts (row-major): {html.escape(' | '.join(grid_prompts))}</p>{grids}</body></html>"""
+<h2>Samples (same prompt and seed for every model)</h2>
+<table><tr><th>prompt</th>{sample_header}</tr>{''.join(sample_rows)}</table></body></html>"""
     path = output_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
