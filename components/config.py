@@ -112,6 +112,11 @@ class TrainConfig(_Section):
     sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0 = only at the end).")
     val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0 = one per CPU core).")
+    checkpoint_every: int = Field(
+        100, ge=0, description="Save a resumable checkpoint every N steps and at the last step (0 = off); "
+        "a re-run with the same recipe and data resumes from the newest one."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep this many newest checkpoints, delete older ones.")
 
 
 class QualityTuneConfig(TrainConfig):

@@ -3,11 +3,20 @@
 Reads the curated shards, embeds captions once with the frozen text encoder, trains the
 Lightning module with MLflow logging into the stage's run, logs sample grids of fixed
 prompts as training goes, and writes the Model artifact (safetensors + config + state).
+
+Training is resumable: every `checkpoint_every` steps (and at the last step) a checkpoint
+(safetensors + JSON, see models.checkpoint) goes to the stage's checkpoint directory
+(components.checkpoints), and a run that finds one there continues from the newest valid one
+with model, optimizer, EMA, LR schedule, RNG states and data position restored, so its final
+weights equal an uninterrupted run's bit for bit (CPU, deterministic mode).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import sys
@@ -23,16 +32,19 @@ import torch
 from PIL import Image
 
 from components import tracking
+from components.checkpoints import checkpoint_dir, checkpoint_key, exclusive
 from components.config import Recipe, TrainConfig
 from components.evaluate.prompts import load_prompts
-from components.storage import iter_shard, read_manifest
-from models.checkpoint import load_model_dir, save_model_dir
+from components.storage import dataset_hash, iter_shard, read_manifest
+from models.checkpoint import (WEIGHTS_FILE, latest_training_checkpoint, load_model_dir, read_checkpoint_state,
+                               save_model_dir)
 from models.dit import DiTConfig
 from models.flow import FlowMatchingConfig
 from models.generate import TextToImage, image_grid
 from models.hardware import resolve_precision
+from models.resume import PeriodicCheckpoint, SafetensorsCheckpointIO
 from models.text_encoder import TextEmbeddings, TextEncoder
-from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConfig
+from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConfig, StepBatchSampler
 
 
 @dataclass(frozen=True)
@@ -68,13 +80,17 @@ def load_split(dataset_dir: Path, split: str, ids: set[str] | None = None) -> Sp
 
 
 def configure_torch(threads: int) -> None:
-    """CPU settings measured to matter here: all cores, flush denormals (slow first steps otherwise).
+    """CPU settings measured to matter here: all cores, flush denormals (slow first steps otherwise), determinism.
 
     Also quiets library chatter that buries the stage's own progress lines in KFP logs
     (Lightning's hardware/tips banner; library progress bars via `tracking.quiet_environment`).
     """
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.set_flush_denormal(True)
+    # Trainer(deterministic=True) turns on torch.use_deterministic_algorithms, which does not cover
+    # oneDNN: its convolution backward (the DiT's patch embedding) then differs from process to
+    # process with more than one thread, and so do the final weights and exact resume.
+    torch.backends.mkldnn.deterministic = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
     # Lightning 2.6 builds a torch pytree LeafSpec that torch 2.13 flags as deprecated, once per batch.
@@ -125,9 +141,11 @@ class PlainProgress(lightning.Callback):
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.start = self.last = 0.0
+        self.first_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.start = self.last = time.monotonic()
+        self.first_step = trainer.global_step  # > 0 after a resume; the rate counts this run's steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         now = time.monotonic()
@@ -135,9 +153,62 @@ class PlainProgress(lightning.Callback):
             self.last = now
             loss = trainer.callback_metrics.get("train/loss")
             loss_text = f" loss {float(loss):.4f}" if loss is not None else ""
-            rate = trainer.global_step / max(now - self.start, 1e-9)
+            rate = (trainer.global_step - self.first_step) / max(now - self.start, 1e-9)
             print(f"[{self.stage}] step {trainer.global_step}/{trainer.max_steps}{loss_text} ({rate:.1f} steps/s)",
                   file=sys.stderr, flush=True)
+
+
+class DataPositionCheck(lightning.Callback):
+    """Fails fast if Lightning's restored step and the sampler's first step disagree (batches would shift)."""
+
+    def __init__(self, sampler: StepBatchSampler) -> None:
+        self.sampler = sampler
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        if trainer.global_step != self.sampler.start_step:
+            raise RuntimeError(f"resumed at step {trainer.global_step} but the data sampler starts at step "
+                               f"{self.sampler.start_step}; the checkpoint and its step disagree")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a training stage keeps checkpoints and which one (if any) it continues from."""
+
+    directory: Path | None  # None when checkpointing is off
+    checkpoint: Path | None  # the newest valid checkpoint, None to start from step 0
+    step: int  # global step of `checkpoint` (0 without one)
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: dict[str, Any], dataset_dir: Path,
+                output_dir: Path, train_ids: list[str], init_dir: Path | None,
+                held: contextlib.ExitStack) -> Resume:
+    """The stage's checkpoint directory for these inputs, and the newest valid checkpoint in it.
+
+    The directory's lock is entered into `held` (the caller keeps it until training ends).
+    Checkpoints that do not verify (an interrupted write, a truncated or replaced file) are
+    reported and skipped, so the previous one is used.
+    """
+    if config.checkpoint_every <= 0:
+        return Resume(None, None, 0)
+    inputs = {"dataset": dataset_hash(dataset_dir), "train_ids": _sha256_json(train_ids)}
+    if init_dir is not None:
+        inputs["init_weights"] = hashlib.sha256((Path(init_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    settings = {"train": config.model_dump(mode="json"), "model": model_fields,
+                "text": recipe.text.model_dump(mode="json")}
+    key = checkpoint_key(stage, settings, inputs)
+    directory = checkpoint_dir(stage, key, output_dir, description={"stage": stage, "recipe": recipe.name,
+                                                                     "settings": settings, "inputs": inputs})
+    held.enter_context(exclusive(directory))
+    latest, skipped = latest_training_checkpoint(directory)
+    for problem in skipped:
+        print(f"[{stage}] ignoring checkpoint: {problem}", file=sys.stderr, flush=True)
+    if latest is None:
+        return Resume(directory, None, 0)
+    return Resume(directory, latest, int(read_checkpoint_state(latest)["global_step"]))
 
 
 @dataclass(frozen=True)
@@ -164,7 +235,19 @@ def train(
     train_ids: set[str] | None = None,
     lineage: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train on the dataset's train split (or `train_ids` of it) and write a Model artifact."""
+    """Train on the dataset's train split (or `train_ids` of it) and write a Model artifact.
+
+    Resumes from the newest valid checkpoint of an earlier run with the same settings and
+    inputs (see components.checkpoints for where they live) and checkpoints as it goes.
+    """
+    with contextlib.ExitStack() as held:  # the checkpoint directory's lock, until the artifact is written
+        return _train(stage, recipe, config, dataset_dir, output_dir, tracker, init_dir, train_ids, lineage, held)
+
+
+def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, output_dir: Path,
+           tracker: tracking.StageTracker, init_dir: Path | None, train_ids: set[str] | None,
+           lineage: dict[str, Any] | None, held: contextlib.ExitStack) -> TrainResult:
+    """:func:`train`, with `held` keeping the checkpoint directory locked until it returns."""
     configure_torch(config.threads)
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     init_weights = None
@@ -191,11 +274,26 @@ def train(
     tracker.log_metrics({f"{stage}.parameters": sum(p.numel() for p in module.model.parameters()),
                          f"{stage}.train_samples": len(train_set), f"{stage}.val_samples": len(val_set)})
 
-    loader_generator = torch.Generator().manual_seed(config.seed)
+    resume = find_resume(stage, recipe, config, model_fields, dataset_dir, output_dir, train_split.ids, init_dir,
+                         held)
+    if resume.checkpoint is not None:
+        print(f"[{stage}] resuming from step {resume.step} (checkpoint {resume.checkpoint})", file=sys.stderr,
+              flush=True)
+    tracker.set_tags({f"{stage}.resumed": str(resume.checkpoint is not None).lower(),
+                      f"{stage}.resumed_from_step": resume.step,
+                      f"{stage}.checkpoint_dir": str(resume.directory or "")})
+
     batch_size = min(config.batch_size, len(train_set))
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                                               generator=loader_generator, num_workers=0)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(batch_size, 64), shuffle=False)
+    # Batches are a function of (seed, step), starting at the resumed step: see StepBatchSampler.
+    sampler = StepBatchSampler(len(train_set), batch_size, config.seed, start_step=resume.step)
+    # Both loaders get their own generator: a DataLoader without one draws its base seed from the
+    # global RNG each time it is iterated, so the validation runs inside fit would shift caption
+    # dropout and noise, and a resumed run (which skips the validation at its checkpoint step)
+    # would diverge from an uninterrupted one.
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=0,
+                                               generator=torch.Generator().manual_seed(config.seed))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(batch_size, 64), shuffle=False,
+                                             generator=torch.Generator().manual_seed(config.seed))
 
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -207,6 +305,11 @@ def train(
                                config.sample_every, sampling, stage)
     interactive = sys.stderr.isatty()
     callbacks: list[lightning.Callback] = [grids] if interactive else [grids, PlainProgress(stage)]
+    callbacks.append(DataPositionCheck(sampler))
+    checkpointer = None
+    if resume.directory is not None:
+        checkpointer = PeriodicCheckpoint(resume.directory, config.checkpoint_every, config.keep_checkpoints)
+        callbacks.append(checkpointer)
     val_every = config.val_every if 0 < config.val_every <= config.steps else None
     precision = resolve_precision(config.precision)
     tracker.set_tags({f"{stage}.precision": precision})
@@ -218,7 +321,10 @@ def train(
         gradient_clip_val=config.grad_clip or None,
         logger=logger,
         callbacks=callbacks,
-        enable_checkpointing=False,  # Lightning checkpoints are pickles; we write safetensors ourselves
+        # Lightning's own .ckpt files are pickles: checkpoints are written by PeriodicCheckpoint through
+        # the safetensors CheckpointIO, or not at all.
+        enable_checkpointing=checkpointer is not None,
+        plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=interactive,
         enable_model_summary=False,
         log_every_n_steps=max(1, min(10, config.steps // 4)),
@@ -228,17 +334,25 @@ def train(
         num_sanity_val_steps=0,
         deterministic=True,
     )
+    # Re-seed after the set-up: set-up code (model loading) leaves the global RNG in a different
+    # state the first time it runs in a process than later (measured: two runs in one process
+    # started training from different RNG states), which would shift caption dropout and noise.
+    lightning.seed_everything(config.seed + 1, workers=True, verbose=False)
     started = time.monotonic()
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if val_every else None)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if val_every else None,
+                ckpt_path=resume.checkpoint)
     seconds = time.monotonic() - started
+    steps_run = int(trainer.global_step) - resume.step
     # Read before validate(): Lightning resets callback_metrics when a new loop starts.
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    if steps_run == 0 and checkpointer is not None and checkpointer.last_train_loss is not None:
+        train_loss = checkpointer.last_train_loss  # resumed at the last step: nothing was trained now
     # A separate trainer: the fit trainer may have validation switched off (limit_val_batches=0).
     validator = lightning.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
                                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     validated = validator.validate(module, dataloaders=val_loader, verbose=False)
     val_loss = float(validated[0]["val/loss"]) if validated else float("nan")
-    throughput = config.steps * batch_size / max(seconds, 1e-9)
+    throughput = steps_run * batch_size / max(seconds, 1e-9)
     state = {
         "stage": stage,
         "step": int(trainer.global_step),

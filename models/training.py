@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -87,12 +89,11 @@ class FlowMatchingModule(lightning.LightningModule):
         self.model: DiT = build(model_config)
         if init_weights is not None:
             self.model.load_state_dict(init_weights, strict=True)
-        # Not seen by the optimiser: updated only by on_train_batch_end. Its train/eval mode is left
-        # to Lightning because DiT has no dropout or batch norm, so the mode does not change outputs.
+        # Not seen by the optimiser: updated only in optimizer_step. Its train/eval mode is left to
+        # Lightning because DiT has no dropout or batch norm, so the mode does not change outputs.
         self.ema: DiT = copy.deepcopy(self.model).requires_grad_(False)
         # A buffer, so a resumed run continues the EMA decay warmup where it stopped.
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self._last_ema_step = -1
 
         L, D = model_config.max_text_tokens, model_config.text_dim
         if null_text is None:
@@ -195,18 +196,21 @@ class FlowMatchingModule(lightning.LightningModule):
             algorithm = gradient_clip_algorithm or "norm"
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, then the EMA update (so a checkpoint taken after the step includes it)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._update_ema()
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _update_ema(self) -> None:
         """EMA update after each optimiser step.
 
         Decay warms up as (1+n)/(10+n) so short runs are not dominated by the initial weights.
+        Done in optimizer_step rather than on_train_batch_end: Lightning calls the callbacks'
+        on_train_batch_end (where checkpoints are saved) before the module's, so an EMA updated
+        there would be one step behind in every checkpoint. Lightning calls optimizer_step
+        only for batches that step, so accumulation needs no special case.
         """
-        # With gradient accumulation most batches end without a step; updating then would just
-        # shrink the effective decay.
-        step = self.trainer.global_step
-        if step == self._last_ema_step:
-            return
-        self._last_ema_step = step
         self.ema_updates += 1
         n = int(self.ema_updates)
         decay = min(self.optim.ema_decay, (1 + n) / (10 + n))
@@ -287,3 +291,49 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             "text_mask": self.mask[index],
             "text_pooled": self.pooled[index],
         }
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Endless batches of indices where the batch for optimiser step t depends only on (seed, t).
+
+    Step t belongs to epoch t // batches_per_epoch, whose order is a permutation drawn from
+    (seed, epoch); incomplete final batches are dropped. Iteration starts at `start_step`, so a
+    run resumed at step k sees exactly the batches an uninterrupted run saw from step k on,
+    whatever Lightning does with epochs: the sampler has no length, so Lightning runs one
+    endless epoch bounded by max_steps instead of restarting an epoch from its first batch
+    (which is what it does on a mid-epoch resume with a plain DataLoader).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+        if batch_size < 1 or num_samples < batch_size:
+            raise ValueError(f"need 1 <= batch_size <= num_samples, got batch_size={batch_size}, "
+                             f"num_samples={num_samples}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
+        self.batches_per_epoch = num_samples // batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of sample indices for `epoch` (independent of the global RNG)."""
+        # Hash (seed, epoch) rather than add them, so different seeds never share epoch orders.
+        digest = hashlib.sha256(f"reelforge-batches:{self.seed}:{epoch}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def batch(self, step: int) -> list[int]:
+        """Sample indices of the batch used by optimiser step `step` (0-based)."""
+        epoch, position = divmod(step, self.batches_per_epoch)
+        start = position * self.batch_size
+        return self.epoch_order(epoch)[start : start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Batches for steps start_step, start_step+1, ... without end."""
+        step = self.start_step
+        order, order_epoch = None, -1
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            if epoch != order_epoch:  # one permutation per epoch, not per batch
+                order, order_epoch = self.epoch_order(epoch), epoch
+            start = position * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+            step += 1

@@ -3,7 +3,9 @@
 `kfp.local.SubprocessRunner(use_venv=False)` runs each task as a subprocess of this
 interpreter (nothing is installed at run time). Task outputs land under
 `<workdir>/pipeline_root`, MLflow under `<workdir>/mlflow.db` + `<workdir>/mlartifacts`
-(unless MLFLOW_TRACKING_URI is set), and the runner's content cache under `<workdir>/cache`.
+(unless MLFLOW_TRACKING_URI is set), the runner's content cache under `<workdir>/cache`, and
+the training stages' checkpoints under `<workdir>/checkpoints` (a stable place, unlike the
+per-run task outputs, so re-running a killed pipeline resumes training).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components import tracking
+from components.checkpoints import CHECKPOINT_ENV
 from components.config import Recipe
 from components.runner import CACHE_ENV, GIT_COMMIT_ENV
 
@@ -47,9 +50,10 @@ def git_commit(path: Path | None = None) -> str:
 
 
 def prepare_environment(workdir: Path, cache: bool = True) -> str:
-    """Point this process (and the task subprocesses it starts) at the work dir's MLflow and cache."""
+    """Point this process (and the task subprocesses it starts) at the work dir's MLflow, cache and checkpoints."""
     workdir.mkdir(parents=True, exist_ok=True)
     uri = tracking.configure(workdir)
+    os.environ[CHECKPOINT_ENV] = str((workdir / "checkpoints").resolve())
     if cache:
         os.environ[CACHE_ENV] = str((workdir / "cache").resolve())
     else:

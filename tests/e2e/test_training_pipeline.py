@@ -120,6 +120,11 @@ def test_second_run_reuses_cached_data_stages_and_the_same_version(pipeline_run)
     )
     hits = {r.data.tags["reelforge.stage"] for r in children if r.data.tags.get("reelforge.cache_hit") == "true"}
     assert hits == {"ingest", "curate"}
+    # The training stages find their final checkpoints in <workdir>/checkpoints: nothing is retrained.
+    tags = {r.data.tags["reelforge.stage"]: r.data.tags for r in children}
+    recipe = pipeline_run["recipe"]
+    assert tags["pretrain"]["pretrain.resumed_from_step"] == str(recipe.pretrain.steps)
+    assert tags["quality_tune"]["quality_tune.resumed_from_step"] == str(recipe.quality_tune.steps)
     # Deterministic training on the same data gives the same weights: no duplicate version.
     assert (second["version"], second["created"]) == ("1", False)
 
