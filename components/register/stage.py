@@ -87,19 +87,27 @@ def run(config: RegisterConfig, model_dir: Path, run_id: str, lineage: dict[str,
         # that made these weights first) and only move the alias.
         version, created, tags = existing.version, False, dict(existing.tags)
     else:
+        # log_model / register_model / load_model are fluent APIs on a process-wide URI: point
+        # them at the configured store for this call only, so callers' state is left alone.
+        previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
         mlflow.set_tracking_uri(tracking.tracking_uri())
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts={"model_dir": str(model_dir)},
-                code_paths=[str(MODELS_PACKAGE)],
-                signature=_signature(),
-                pip_requirements=PIP_REQUIREMENTS,
-            )
-        registered = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
-        version, created = registered.version, True
-        _smoke_test(f"models:/{config.model_name}/{version}")
+        mlflow.set_registry_uri(tracking.tracking_uri())
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={"model_dir": str(model_dir)},
+                    code_paths=[str(MODELS_PACKAGE)],
+                    signature=_signature(),
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+            registered = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
+            version, created = registered.version, True
+            _smoke_test(f"models:/{config.model_name}/{version}")
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
     client.set_registered_model_alias(config.model_name, config.alias, version)
     return Registration(config.model_name, str(version), config.alias, created, weights_sha, tags)
 

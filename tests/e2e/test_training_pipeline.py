@@ -101,6 +101,9 @@ def test_registered_model_serves_images_through_pyfunc(pipeline_run) -> None:
     import mlflow.pyfunc
 
     _client(pipeline_run)
+    # The fluent API keeps a process-wide URI that an earlier test in this process may have set.
+    mlflow.set_tracking_uri(pipeline_run["first"].tracking_uri)
+    mlflow.set_registry_uri(pipeline_run["first"].tracking_uri)
     model = mlflow.pyfunc.load_model("models:/reelforge-teacher@candidate")
     frame = model.predict(pd.DataFrame({"prompt": ["A red apple.", "A blue truck."]}), params={"steps": 3, "seed": 7})
     images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in frame["image_png_base64"]]
