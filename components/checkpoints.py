@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import importlib.util
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from components.storage import code_fingerprint, sha256_json
 
 CHECKPOINT_ENV = "REELFORGE_CHECKPOINT_DIR"
 # Bump when the checkpoint contents or the resume logic change incompatibly.
@@ -34,16 +34,6 @@ TRAINING_CODE = ("models.dit", "models.flow", "models.training", "models.resume"
 # Settings that say how to checkpoint, not what to compute: changing them keeps the checkpoints.
 _NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
-
-def code_fingerprint(modules: Iterable[str] = TRAINING_CODE) -> dict[str, str]:
-    """sha256 of each module's source file."""
-    out = {}
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"cannot locate module {name} for the checkpoint key")
-        out[name] = hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
-    return out
 
 
 def checkpoint_key(stage: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
@@ -56,9 +46,9 @@ def checkpoint_key(stage: str, settings: Mapping[str, Any], inputs: Mapping[str,
         "stage": stage,
         "settings": {**settings, "train": train},
         "inputs": dict(inputs),
-        "code": code_fingerprint(),
+        "code": code_fingerprint(TRAINING_CODE),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def checkpoint_root(output_dir: Path) -> Path:

@@ -9,9 +9,7 @@ returns the metadata that the KFP face copies onto its output artifacts.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +21,7 @@ from typing import Any, Protocol
 
 from components import tracking
 from components.config import Recipe
-from components.storage import directory_hash
+from components.storage import code_fingerprint, directory_hash, sha256_json
 
 CACHE_ENV = "REELFORGE_CACHE_DIR"
 GIT_COMMIT_ENV = "REELFORGE_GIT_COMMIT"
@@ -105,13 +103,13 @@ def _cache_key(name: str, recipe: Recipe, inputs: Mapping[str, Path], options: M
         "config": {s: recipe.model_dump(mode="json")[s] for s in spec.sections},
         "inputs": {k: directory_hash(Path(v)) for k, v in sorted(inputs.items())},
         "options": {k: str(v) for k, v in sorted(options.items())},
-        "code": {m: hashlib.sha256(Path(importlib.util.find_spec(m).origin).read_bytes()).hexdigest() for m in spec.code},
+        "code": code_fingerprint(spec.code),
     }
     if name == "ingest":
         from components.ingest.sources import parse_source
 
         payload["source"] = parse_source(str(options.get("source") or recipe.ingest.source)).fingerprint()
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def _copy_tree(source: Path, destination: Path) -> None:

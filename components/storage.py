@@ -9,11 +9,13 @@ than thousands of small ones), and copies as one unit between KFP tasks.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +144,22 @@ def shard_paths(directory: Path, prefix: str) -> list[Path]:
     return sorted(Path(directory).glob(f"{prefix}-*.tar"))
 
 
+def sha256_json(value: Any) -> str:
+    """Hex sha256 of a JSON-able value with sorted keys: the one way cache and checkpoint keys are made."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint(modules: Iterable[str]) -> dict[str, str]:
+    """sha256 of each module's source file, so a key changes when the code that made the data does."""
+    out = {}
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"cannot locate module {name} to fingerprint its code")
+        out[name] = sha256_file(Path(spec.origin))
+    return out
+
+
 def directory_hash(directory: Path) -> str:
     """Content hash of a dataset directory: sha256 over sorted (relative path, file sha256).
 
@@ -155,7 +173,7 @@ def directory_hash(directory: Path) -> str:
         if rel.startswith("report.") or rel.endswith(".tmp"):
             continue
         entries.append({"path": rel, "sha256": sha256_file(path)})
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return sha256_json(entries)
 
 
 def dataset_hash(directory: Path) -> str:

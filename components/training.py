@@ -14,9 +14,7 @@ weights equal an uninterrupted run's bit for bit (CPU, deterministic mode).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import os
 import sys
@@ -35,7 +33,8 @@ from components import tracking
 from components.checkpoints import checkpoint_dir, checkpoint_key, exclusive
 from components.config import Recipe, TrainConfig
 from components.evaluate.prompts import load_prompts
-from components.storage import dataset_hash, iter_shard, read_manifest
+from components.media import sha256_file
+from components.storage import dataset_hash, iter_shard, read_manifest, sha256_json
 from models.checkpoint import (WEIGHTS_FILE, latest_training_checkpoint, load_model_dir, read_checkpoint_state,
                                save_model_dir)
 from models.dit import DiTConfig
@@ -179,10 +178,6 @@ class Resume:
     step: int  # global step of `checkpoint` (0 without one)
 
 
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: dict[str, Any], dataset_dir: Path,
                 output_dir: Path, train_ids: list[str], init_dir: Path | None,
                 held: contextlib.ExitStack) -> Resume:
@@ -194,9 +189,9 @@ def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: d
     """
     if config.checkpoint_every <= 0:
         return Resume(None, None, 0)
-    inputs = {"dataset": dataset_hash(dataset_dir), "train_ids": _sha256_json(train_ids)}
+    inputs = {"dataset": dataset_hash(dataset_dir), "train_ids": sha256_json(train_ids)}
     if init_dir is not None:
-        inputs["init_weights"] = hashlib.sha256((Path(init_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()
+        inputs["init_weights"] = sha256_file(Path(init_dir) / WEIGHTS_FILE)
     settings = {"train": config.model_dump(mode="json"), "model": model_fields,
                 "text": recipe.text.model_dump(mode="json")}
     key = checkpoint_key(stage, settings, inputs)
