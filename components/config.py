@@ -44,10 +44,79 @@ class IngestConfig(_Section):
     )
 
 
-class CurateConfig(_Section):
-    """Decode/validate, filter, dedup, resize and shard (Emu / Movie Gen curation, basic form)."""
+class FilterConfig(_Section):
+    """Thresholds of the content filters. Every filter writes its score to the manifest whether or
+    not it removes anything; a threshold at its "off" value keeps the score and filters nothing."""
 
-    resolution: int = Field(32, ge=8, le=4096, description="Output side in pixels (square center crop).")
+    min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Reject below this technical quality (0..1; 0 = off).")
+    min_sharpness: float = Field(0.0, ge=0.0, le=1.0, description="Reject blurrier than this (Laplacian sharpness 0..1; 0 = off).")
+    max_clipped: float = Field(1.0, ge=0.0, le=1.0, description="Reject when more than this share of pixels is crushed black or blown white (1 = off).")
+    max_brisque: float = Field(150.0, ge=0.0, description="Reject above this BRISQUE score (lower is better; ~0-100; 150 = off).")
+    max_text_area: float = Field(1.0, ge=0.0, le=1.0, description="Reject when OCR-detected text covers more than this share of the image (1 = off).")
+    max_unsafe: float = Field(1.0, ge=0.0, le=1.0, description="Reject when the safety classifier's highest explicit-class score exceeds this (1 = off).")
+    min_alignment: float = Field(0.0, ge=0.0, le=1.0, description="Reject source captions whose text-image alignment is below this (0 = off).")
+    min_aesthetic: float = Field(0.0, ge=0.0, le=1.0, description="Reject below this aesthetic score (0..1; 0 = off).")
+
+
+class DedupConfig(_Section):
+    """Dedup beyond exact bytes: perceptual hashes and SemDeDup on image embeddings, global across shards."""
+
+    perceptual: bool = Field(True, description="Drop near-duplicates by perceptual hash.")
+    hash: Literal["phash", "dhash"] = Field("phash", description="Perceptual hash (64-bit).")
+    max_hamming: int = Field(4, ge=0, le=16, description="Hashes within this many bits are duplicates.")
+    semantic: bool = Field(True, description="Drop semantic duplicates (SemDeDup: cosine within k-means clusters).")
+    semantic_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which two images are duplicates.")
+
+
+class CaptionConfig(_Section):
+    """Caption cleanup and the tagger that captions samples that have none."""
+
+    max_chars: int = Field(300, gt=0, description="Cut cleaned captions to this many characters (at a word boundary).")
+    max_words: int = Field(60, gt=0, description="Cut cleaned captions to this many words.")
+    tagger: bool = Field(True, description="Caption samples without one from their top ImageNet labels (caption_source=tagger).")
+    tagger_labels: int = Field(2, ge=1, le=5, description="How many ImageNet labels a tagger caption names.")
+
+
+class VideoConfig(_Section):
+    """Video curation (Movie Gen): scene cuts into single-shot clips, motion filter, camera-motion tags."""
+
+    min_clip_seconds: float = Field(1.0, gt=0, description="Shortest single-shot clip kept (Movie Gen: 4 s).")
+    max_clip_seconds: float = Field(4.0, gt=0, description="Longer shots are cut into pieces of at most this (Movie Gen: 16 s).")
+    min_fps: float = Field(10.0, gt=0, description="Reject videos below this frame rate.")
+    max_seconds: float = Field(600.0, gt=0, description="Only the first this many seconds of a video are read (bounds memory and time).")
+    fps: float = Field(8.0, gt=0, description="Frame rate clips are resampled to.")
+    scene_threshold: float = Field(0.5, gt=0, le=2.0, description="Colour-histogram distance between frames that marks a scene cut.")
+    min_motion: float = Field(0.002, ge=0, description="Reject clips with less mean motion than this (static).")
+    max_jitter: float = Field(0.5, ge=0, description="Reject clips whose frame-to-frame motion varies more than this (jittery).")
+    camera_tags: bool = Field(True, description="Append the camera motion (static, pan, tilt, zoom) to the caption.")
+
+
+class BalanceConfig(_Section):
+    """Concept balancing: cluster the image embeddings and resample by 1/sqrt(cluster size)."""
+
+    enabled: bool = Field(True, description="Write sample_weight = 1/sqrt(cluster size), normalised to mean 1.")
+    clusters: int = Field(0, ge=0, description="k-means clusters (0 = about sqrt(n / 2)).")
+
+
+class AestheticConfig(_Section):
+    """Which aesthetic scorer runs: the documented default, or a head trained on human review labels."""
+
+    review_dir: str | None = Field(
+        None, description="Directory written by `reelforge review import` (labels + head); None = default scorer."
+    )
+
+
+_DEFAULT_BUCKETS = ["1:1", "4:3", "3:4", "16:9", "9:16"]
+
+
+class CurateConfig(_Section):
+    """Decode/validate, filter, dedup, score, caption, balance and shard (Emu / Movie Gen curation)."""
+
+    resolution: int = Field(32, ge=8, le=4096, description="Output size in pixels: the side of the 1:1 bucket; other buckets keep about the same area.")
+    buckets: list[str] = Field(
+        default_factory=lambda: list(_DEFAULT_BUCKETS),
+        description="Aspect-ratio buckets 'W:H'; each image goes to the nearest (log ratio) and is cropped to it.",
+    )
     min_side: int = Field(32, ge=1, description="Reject images whose shorter side is below this (pixels).")
     max_aspect_ratio: float = Field(4.0, ge=1.0, description="Reject images with long/short side above this.")
     max_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb limit, checked from the header.")
@@ -58,12 +127,23 @@ class CurateConfig(_Section):
     background: tuple[int, int, int] = Field(
         (255, 255, 255), description="RGB colour that transparent pixels are composited over."
     )
+    analysis_side: int = Field(224, ge=32, le=1024, description="Scorers see a copy whose shorter side is at most this.")
+    scorers: list[Literal["technical", "brisque", "ocr", "safety", "features", "aesthetic"]] = Field(
+        ["technical", "brisque", "ocr", "safety", "features", "aesthetic"],
+        description="Scorers to run (each adds manifest columns); 'features' feeds semantic dedup, alignment, tagger, aesthetic and balancing.",
+    )
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    captions: CaptionConfig = Field(default_factory=CaptionConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
     shard_size: int = Field(256, gt=0, description="Samples per WebDataset tar shard.")
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of samples held out (by id hash) for validation and evaluation."
     )
-    min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Reject samples whose technical quality is below this.")
-    workers: int = Field(0, ge=0, description="Decode processes (0 = one per CPU core).")
+    batch_size: int = Field(32, gt=0, description="Images per scorer batch (model inference is batched).")
+    workers: int = Field(0, ge=0, description="Worker processes (0 = one per CPU core).")
 
     @field_validator("allowed_formats")
     @classmethod
@@ -78,6 +158,42 @@ class CurateConfig(_Section):
         if any(not 0 <= c <= 255 for c in value):
             raise ValueError("each channel must be in 0..255")
         return value
+
+    @field_validator("buckets")
+    @classmethod
+    def _parse_buckets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one bucket, e.g. ['1:1']")
+        for bucket in value:
+            parts = bucket.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"bucket {bucket!r} is not 'W:H' with positive integers, e.g. '16:9'")
+        return value
+
+    @model_validator(mode="after")
+    def _dependencies(self) -> "CurateConfig":
+        needs_features = {
+            "dedup.semantic": self.dedup.semantic,
+            "filters.min_alignment": self.filters.min_alignment > 0,
+            "captions.tagger": self.captions.tagger,
+            "balance.enabled": self.balance.enabled,
+            "aesthetic scorer": "aesthetic" in self.scorers,
+        }
+        missing = [name for name, on in needs_features.items() if on and "features" not in self.scorers]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} need(s) the 'features' scorer; add it to curate.scorers or turn them off")
+        if self.video.min_clip_seconds > self.video.max_clip_seconds:
+            raise ValueError("video.min_clip_seconds is above video.max_clip_seconds")
+        return self
+
+    def bucket_sizes(self) -> dict[str, tuple[int, int]]:
+        """Output (width, height) per bucket: area about resolution**2, sides multiples of 8 (at least 8)."""
+        sizes = {}
+        for bucket in self.buckets:
+            w, h = (int(p) for p in bucket.split(":"))
+            scale = (self.resolution**2 / (w * h)) ** 0.5
+            sizes[bucket] = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
+        return sizes
 
 
 class TextConfig(_Section):

@@ -53,6 +53,21 @@ class RejectReason(StrEnum):
     BAD_ASPECT_RATIO = "bad_aspect_ratio"
     EXACT_DUPLICATE = "exact_duplicate"
     LOW_QUALITY = "low_quality"
+    NEAR_DUPLICATE = "near_duplicate"
+    SEMANTIC_DUPLICATE = "semantic_duplicate"
+    BLURRY = "blurry"
+    BAD_EXPOSURE = "bad_exposure"
+    POOR_PERCEPTUAL_QUALITY = "poor_perceptual_quality"
+    TOO_MUCH_TEXT = "too_much_text"
+    UNSAFE = "unsafe"
+    LOW_ALIGNMENT = "low_alignment"
+    LOW_AESTHETIC = "low_aesthetic"
+    HUMAN_REJECTED = "human_rejected"
+    NO_CAPTION = "no_caption"
+    LOW_FPS = "low_fps"
+    TOO_SHORT = "too_short"
+    STATIC = "static"
+    JITTERY = "jittery"
 
 
 REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
@@ -70,7 +85,22 @@ REASON_DESCRIPTIONS: Final[dict[RejectReason, str]] = {
     RejectReason.ANIMATED: "The image has more than one frame and animated images are not allowed.",
     RejectReason.BAD_ASPECT_RATIO: "The width/height ratio is more extreme than allowed.",
     RejectReason.EXACT_DUPLICATE: "Byte-identical (same SHA-256) to an image already kept.",
-    RejectReason.LOW_QUALITY: "Technical quality score (sharpness, colour, exposure) is below curate.min_quality.",
+    RejectReason.LOW_QUALITY: "Technical quality score (sharpness, colour, exposure) is below curate.filters.min_quality.",
+    RejectReason.NEAR_DUPLICATE: "Perceptual hash within curate.dedup.max_hamming bits of a better-scored image kept.",
+    RejectReason.SEMANTIC_DUPLICATE: "Embedding cosine at or above curate.dedup.semantic_threshold to an image kept (SemDeDup).",
+    RejectReason.BLURRY: "Laplacian sharpness is below curate.filters.min_sharpness.",
+    RejectReason.BAD_EXPOSURE: "More pixels than curate.filters.max_clipped are crushed black or blown white.",
+    RejectReason.POOR_PERCEPTUAL_QUALITY: "BRISQUE score (lower is better) is above curate.filters.max_brisque.",
+    RejectReason.TOO_MUCH_TEXT: "OCR-detected text covers more of the image than curate.filters.max_text_area.",
+    RejectReason.UNSAFE: "The safety classifier's explicit-content score is above curate.filters.max_unsafe.",
+    RejectReason.LOW_ALIGNMENT: "The caption matches the image's content less than curate.filters.min_alignment.",
+    RejectReason.LOW_AESTHETIC: "Aesthetic score is below curate.filters.min_aesthetic.",
+    RejectReason.HUMAN_REJECTED: "A reviewer labelled it reject (reelforge review import).",
+    RejectReason.NO_CAPTION: "No usable caption and the tagger is off (curate.captions.tagger).",
+    RejectReason.LOW_FPS: "The video's frame rate is below curate.video.min_fps.",
+    RejectReason.TOO_SHORT: "The shot (between scene cuts) is shorter than curate.video.min_clip_seconds.",
+    RejectReason.STATIC: "The clip moves less than curate.video.min_motion (a still picture as video).",
+    RejectReason.JITTERY: "The clip's motion varies more than curate.video.max_jitter from frame to frame (shaky or flickering).",
 }
 
 # MPO is what Pillow calls a phone-camera JPEG that carries extra pictures (depth map,
