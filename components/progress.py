@@ -32,3 +32,40 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
             last = now
             of_total = f"/{total}" if total else ""
             print(f"[{description}] {count}{of_total} ({count / (now - start):.1f}/s)", file=sys.stderr, flush=True)
+
+
+class ProgressCounter:
+    """A progress display advanced by hand (for work that reports back in chunks, e.g. a worker pool).
+
+    Interactive terminals get a rich bar; logs (KFP, CI) get a line every ~5 s with the rate.
+    """
+
+    def __init__(self, description: str, total: int | None) -> None:
+        self.description, self.total, self.count = description, total, 0
+        self._start = self._last = time.monotonic()
+        self._rich = None
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self._rich = Progress(transient=True)
+            self._rich.start()
+            self._task = self._rich.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        """Count `n` more items done."""
+        self.count += n
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n)
+            return
+        now = time.monotonic()
+        if now - self._last >= 5.0 or (self.total and self.count >= self.total):
+            self._last = now
+            of_total = f"/{self.total}" if self.total else ""
+            rate = self.count / max(now - self._start, 1e-9)
+            print(f"[{self.description}] {self.count}{of_total} ({rate:.1f}/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Stop the display."""
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None

@@ -21,13 +21,14 @@ from typing import Any, Protocol
 
 from components import tracking
 from components.config import Recipe
+from components.curate.shard import SHARD_CODE
 from components.storage import code_fingerprint, directory_hash, sha256_json
 
 CACHE_ENV = "REELFORGE_CACHE_DIR"
 GIT_COMMIT_ENV = "REELFORGE_GIT_COMMIT"
 # Bump when a deterministic stage's output format or logic changes: old cache entries are
 # then never reused.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 _META_FILE = ".reelforge-stage.json"
 
 
@@ -76,14 +77,19 @@ class StageSpec:
     sections: tuple[str, ...]  # recipe sections that determine its output (params, cache key)
     deterministic: bool  # same inputs + config -> same bytes, so it may be cached
     code: tuple[str, ...] = ()  # modules whose source is part of the cache key (edit one -> re-run)
+    entry: str = "stage"  # the tracking-glue function in `module`
 
+
+_CURATE_CODE = ("components.curate.stage", "components.curate.merge", "components.curate.report",
+                "components.curate.balance", "components.storage") + SHARD_CODE
 
 STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec("components.ingest.stage", ("ingest",), deterministic=True,
                         code=("components.ingest.stage", "components.ingest.sources", "components.storage")),
-    "curate": StageSpec("components.curate.stage", ("curate",), deterministic=True,
-                        code=("components.curate.stage", "components.curate.report", "components.media",
-                              "components.storage")),
+    "curate": StageSpec("components.curate.stage", ("curate",), deterministic=True, code=_CURATE_CODE),
+    # The two halves of curation for the cluster pipeline's ParallelFor (KFP caches those there).
+    "curate_shard": StageSpec("components.curate.stage", ("curate",), deterministic=False, entry="shard_stage"),
+    "curate_merge": StageSpec("components.curate.stage", ("curate",), deterministic=False, entry="merge_stage"),
     "pretrain": StageSpec("components.pretrain.stage", ("model", "text", "pretrain", "evaluate"), deterministic=False),
     "quality_tune": StageSpec("components.quality_tune.stage", ("text", "quality_tune", "evaluate"), deterministic=False),
     "evaluate": StageSpec("components.evaluate.stage", ("text", "evaluate"), deterministic=False),
@@ -92,7 +98,7 @@ STAGES: dict[str, StageSpec] = {
 
 
 def _stage_fn(name: str) -> StageFn:
-    return importlib.import_module(STAGES[name].module).stage  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(STAGES[name].module), STAGES[name].entry)  # type: ignore[no-any-return]
 
 
 def _cache_key(name: str, recipe: Recipe, inputs: Mapping[str, Path], options: Mapping[str, Any]) -> str:
@@ -141,7 +147,8 @@ def execute(
                   "git.commit": context.commit()},
         )
     params = {k: v for s in spec.sections for k, v in recipe.flat_params(s).items()}
-    params.update({f"option.{k}": v for k, v in options.items()})
+    # List options (the merge's scored shard paths) can be long: log their length, not the paths.
+    params.update({f"option.{k}": (f"{len(v)} items" if isinstance(v, (list, tuple)) else v) for k, v in options.items()})
     cache_root = os.environ.get(CACHE_ENV)
     key = _cache_key(name, recipe, inputs, options) if (cache_root and spec.deterministic) else None
     started = time.monotonic()

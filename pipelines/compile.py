@@ -7,11 +7,12 @@ from pathlib import Path
 from kfp import compiler
 
 from components.config import Recipe
-from pipelines import training
+from pipelines import curation, training
 
 # name -> builder(recipe, image) of each pipeline this project ships
 PIPELINES = {
     training.PIPELINE_NAME: training.build_pipeline,
+    curation.PIPELINE_NAME: curation.build_pipeline,
 }
 
 

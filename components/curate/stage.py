@@ -1,51 +1,39 @@
 """Curation: every raw sample is accepted, rejected by a filter, or quarantined, with a reason.
 
-Funnel (in order; each step's count is in the report):
-  decode/validate -> resolution -> aspect ratio -> exact dedup (sha256) -> technical quality
-Accepted samples are center-cropped to the recipe's resolution and written as WebDataset
-shards per split (`train-*.tar`, `val-*.tar`: png + txt + json per sample). The split is a
-hash of the sample id, so a sample stays in its split when the source grows.
-Quarantine = the file itself is broken (cannot be decoded safely); reject = a valid image
+Two phases, so that the same code runs on a laptop and as a KFP ParallelFor on a cluster:
+
+1. `components.curate.shard`: per raw shard, decode/validate, cut videos into clips, crop to
+   aspect-ratio buckets, clean captions, hash and score (OCR, safety, BRISQUE, features,
+   alignment, aesthetic...). Shards are independent; finished ones are kept in a work
+   directory keyed by content, so a re-run after a crash (or after changing only a threshold)
+   skips them.
+2. `components.curate.merge`: global dedup, thresholds, review labels, split, concept
+   balancing; writes WebDataset shards grouped by split/media/bucket, `manifest.parquet`
+   (every score), `rejects.parquet` (reason, detail and step for every removed sample),
+   `embeddings.npy`, `report.json` and `report.html`.
+
+Quarantine = the file itself is broken (cannot be decoded safely); reject = a valid sample
 that a filter removed. Both carry a reason code from `components.media.RejectReason`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections import Counter
+import shutil
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from components.config import CurateConfig
+from components.curate.merge import REJECTS, MergeResult, merge, samples_for_report, summary_of
 from components.curate.report import write_report
-from components.media import (
-    DecodePolicy,
-    RejectReason,
-    center_crop_resize,
-    check_geometry,
-    decode_image,
-    image_to_array,
-    image_to_png_bytes,
-    technical_quality,
-)
-from components.progress import progress
-from components.storage import ShardWriter, directory_hash, iter_shards, read_manifest, shard_paths, write_manifest
+from components.curate.shard import ShardJob, score_shards, shard_key
+from components.progress import ProgressCounter
+from components.storage import directory_hash, read_manifest, shard_paths
 
-FUNNEL = ["input", "decoded", "resolution", "aspect_ratio", "exact_dedup", "quality"]
-# Which funnel step removes a sample with a given reason.
-_STEP_OF_REASON = {
-    RejectReason.TOO_SMALL: "resolution",
-    RejectReason.BAD_ASPECT_RATIO: "aspect_ratio",
-    RejectReason.EXACT_DUPLICATE: "exact_dedup",
-    RejectReason.LOW_QUALITY: "quality",
-}
-REJECTS = "rejects.parquet"
+WORK_ENV = "REELFORGE_CACHE_DIR"  # when set, scored shards live under <it>/curate-shards (shared, resumable)
 
 
 @dataclass(frozen=True)
@@ -59,149 +47,132 @@ class CurateResult:
     content_hash: str
     funnel: dict[str, int]
     reasons: dict[str, int]
+    summary: dict[str, Any]
 
 
-def _split_of(sample_id: str, val_fraction: float) -> str:
-    bucket = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if bucket < val_fraction else "train"
+def raw_rows_by_shard(raw_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The raw manifest grouped by shard file name, rows keyed by id (NaN captions become None)."""
+    manifest = read_manifest(raw_dir)
+    grouped: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in manifest.to_dict("records"):
+        clean = {k: (None if not isinstance(v, (list, tuple, str)) and pd.isna(v) else v) for k, v in record.items()}
+        grouped.setdefault(str(record["shard"]), {})[str(record["id"])] = clean
+    return grouped
 
 
-def _process(task: tuple[dict[str, Any], bytes, CurateConfig]) -> dict[str, Any]:
-    """Decode and score one sample (runs in a worker process; never raises for bad files)."""
-    meta, data, config = task
-    policy = DecodePolicy(
-        allowed_formats=frozenset(config.allowed_formats),
-        max_pixels=config.max_pixels,
-        max_bytes=config.max_bytes,
-        background=tuple(config.background),
-    )
-    decoded = decode_image(data, policy)
-    row: dict[str, Any] = {
-        "id": meta["id"],
-        "format": decoded.format,
-        "mode": decoded.mode,
-        "width": decoded.width,
-        "height": decoded.height,
-        "repairs": ",".join(decoded.repairs),
-    }
-    if not decoded.ok:
-        detail = f"{meta['source_path']}: {decoded.detail}"
-        return {**row, "status": "quarantined", "reason": str(decoded.reason), "detail": detail}
-    short, long = sorted(decoded.image.size)
-    row["aspect_ratio"] = long / max(short, 1)
-    geometry = check_geometry(*decoded.image.size, min_side=config.min_side, max_aspect_ratio=config.max_aspect_ratio)
-    if geometry is RejectReason.TOO_SMALL:
-        return {**row, "status": "rejected", "reason": str(geometry),
-                "detail": f"shorter side {short}px < curate.min_side {config.min_side}px"}
-    if geometry is RejectReason.BAD_ASPECT_RATIO:
-        return {**row, "status": "rejected", "reason": str(geometry),
-                "detail": f"aspect ratio {long / short:.2f} > curate.max_aspect_ratio {config.max_aspect_ratio}"}
-    image = center_crop_resize(decoded.image, config.resolution)
-    scores = technical_quality(image_to_array(image))
-    return {**row, **scores, "status": "ok", "reason": None, "detail": None, "png": image_to_png_bytes(image)}
+def work_root(output_dir: Path) -> Path:
+    """Where scored shards are kept between runs (the cache dir when configured, else beside the output)."""
+    if os.environ.get(WORK_ENV):
+        return Path(os.environ[WORK_ENV]) / "curate-shards"
+    output_dir = Path(output_dir)
+    return output_dir.parent / f".{output_dir.name}.curate-work"
 
 
-def _map(tasks: list, workers: int):
-    if workers == 1:
-        yield from map(_process, tasks)
-        return
-    # spawn, not fork: the parent may hold torch/MLflow threads, which fork copies badly.
-    with get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_process, tasks, chunksize=16)
+def shard_jobs(config: CurateConfig, raw_dir: Path, root: Path, only: list[str] | None = None) -> list[ShardJob]:
+    """One job per raw shard (or per name in `only`), each with its content-keyed scored directory."""
+    grouped = raw_rows_by_shard(raw_dir)
+    paths = shard_paths(raw_dir, "raw")
+    listed = {p.name for p in paths}
+    unknown = set(grouped) - listed
+    if unknown:
+        raise ValueError(f"{raw_dir}: the manifest names shards that are missing: {sorted(unknown)[:5]}")
+    if only is not None:
+        missing = set(only) - listed
+        if missing:
+            raise ValueError(f"{raw_dir}: no raw shard named {sorted(missing)}; have {sorted(listed)}")
+        paths = [p for p in paths if p.name in only]
+    return [ShardJob(p, Path(root) / shard_key(config, p), grouped.get(p.name, {})) for p in paths]
+
+
+def _workers(config: CurateConfig, items: int) -> int:
+    workers = config.workers or os.cpu_count() or 1
+    # Each worker loads the scoring models (~seconds); below ~2 chunks per worker it does not pay.
+    return max(1, min(workers, items // max(1, 2 * config.batch_size)))
+
+
+def score(config: CurateConfig, raw_dir: Path, root: Path, only: list[str] | None = None) -> tuple[list[ShardJob], int]:
+    """Phase 1 for the raw shards of `raw_dir` (all, or the names in `only`); returns the jobs and how many were resumed."""
+    jobs = shard_jobs(config, raw_dir, root, only)
+    total = sum(len(job.raw_rows) for job in jobs)
+    bar = ProgressCounter("curate: score", total)
+    skipped = score_shards(config, jobs, _workers(config, total), on_progress=bar.advance)
+    bar.close()
+    return jobs, skipped
+
+
+def finish(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, inputs: int, skipped: int) -> CurateResult:
+    """Phase 2 + report: merge the scored shards into the curated dataset in `output_dir`."""
+    from components.curate.aesthetic import review_labels
+
+    output_dir = Path(output_dir)
+    result: MergeResult = merge(config, scored_dirs, output_dir, inputs, review_labels(config.aesthetic))
+    content_hash = directory_hash(output_dir)
+    summary = summary_of(result, config, content_hash, skipped)
+    # Only the samples the report shows (a grid per bucket and per reason), not the whole dataset.
+    thumbnail_ids = set(result.manifest.groupby(["media", "bucket"]).head(48)["id"]) if len(result.manifest) else set()
+    if len(result.rejects):
+        thumbnail_ids |= set(result.rejects.groupby("reason").head(24)["id"])
+    write_report(output_dir, summary, result.manifest, result.rejects, samples_for_report(scored_dirs, thumbnail_ids))
+    if not len(result.manifest):
+        raise ValueError(f"curation accepted no samples out of {inputs}; see {output_dir / 'report.html'}")
+    return CurateResult(output_dir, summary["accepted"], summary["train"], summary["val"], content_hash,
+                        result.funnel, result.reasons, summary)
 
 
 def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
-    """Curate the raw dataset in `raw_dir` into `output_dir` (shards, manifests, report)."""
+    """Curate the raw dataset in `raw_dir` into `output_dir` (both phases; resumes finished shards)."""
     raw_dir, output_dir = Path(raw_dir), Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    raw_manifest = read_manifest(raw_dir).set_index("id", drop=False)
-    tasks = []
-    for sample in iter_shards(shard_paths(raw_dir, "raw")):
-        meta = json.loads(sample.members["json"])
-        tasks.append((meta, sample.members.get("bin", b""), config))
-    if len(tasks) != len(raw_manifest):
-        raise ValueError(f"{raw_dir}: shards hold {len(tasks)} samples but the manifest lists {len(raw_manifest)}")
-    workers = config.workers or os.cpu_count() or 1
-    results = list(progress(_map(tasks, min(workers, max(1, len(tasks) // 64))), "curate", total=len(tasks)))
-
-    seen_sha: dict[str, str] = {}
-    accepted: list[dict[str, Any]] = []
-    removed: list[dict[str, Any]] = []
-    for result in results:
-        raw = raw_manifest.loc[result["id"]]
-        # Parquet turns missing captions/categories into NaN; keep them as None.
-        base = {k: (None if pd.isna(raw[k]) else raw[k])
-                for k in ("id", "source_path", "caption", "caption_source", "category", "sha256", "bytes")}
-        row = {**base, **result}
-        if row["status"] == "ok":
-            first = seen_sha.get(row["sha256"])
-            if first is not None:
-                row.update(status="rejected", reason=str(RejectReason.EXACT_DUPLICATE),
-                           detail=f"same bytes (sha256) as sample {first}")
-            elif row["quality"] < config.min_quality:
-                row.update(status="rejected", reason=str(RejectReason.LOW_QUALITY),
-                           detail=f"quality {row['quality']:.3f} < curate.min_quality {config.min_quality}")
-            else:
-                seen_sha[row["sha256"]] = row["id"]
-        (accepted if row["status"] == "ok" else removed).append(row)
-
-    writers = {split: ShardWriter(output_dir, split, config.shard_size) for split in ("train", "val")}
-    for row in accepted:
-        row["split"] = _split_of(row["id"], config.val_fraction)
-        caption = row["caption"] or ""
-        meta = {k: row[k] for k in ("id", "caption", "caption_source", "category", "quality")}
-        row["shard"] = writers[row["split"]].write(
-            row["id"], {"png": row.pop("png"), "txt": caption.encode(), "json": json.dumps(meta).encode()}
-        )
-        row["out_width"] = row["out_height"] = config.resolution
-    for writer in writers.values():
-        writer.close()
-
-    manifest = pd.DataFrame(accepted)
-    for row in removed:
-        row.pop("png", None)
-    rejects = pd.DataFrame(removed, columns=sorted({k for r in removed for k in r} | {"id", "status", "reason", "detail"}))
-    write_manifest(manifest, output_dir)
-    write_manifest(rejects, output_dir, REJECTS)
-
-    reasons = Counter(r["reason"] for r in removed)
-    funnel = {"input": len(tasks)}
-    remaining = len(tasks) - sum(1 for r in removed if r["status"] == "quarantined")
-    funnel["decoded"] = remaining
-    for step in FUNNEL[2:]:
-        remaining -= sum(n for reason, n in reasons.items() if _STEP_OF_REASON.get(RejectReason(reason)) == step)
-        funnel[step] = remaining
-    assert remaining == len(accepted), "funnel does not add up"
-    content_hash = directory_hash(output_dir)
-    summary = {
-        "input": len(tasks),
-        "accepted": len(accepted),
-        "rejected": sum(1 for r in removed if r["status"] == "rejected"),
-        "quarantined": sum(1 for r in removed if r["status"] == "quarantined"),
-        "train": int((manifest["split"] == "train").sum()) if len(manifest) else 0,
-        "val": int((manifest["split"] == "val").sum()) if len(manifest) else 0,
-        "funnel": funnel,
-        "reasons": dict(sorted(reasons.items())),
-        "content_hash": content_hash,
-        "resolution": config.resolution,
-    }
-    write_report(output_dir, summary, manifest, rejects)
-    if not accepted:
-        raise ValueError(f"curation accepted no samples out of {len(tasks)}; see {output_dir / 'report.html'}")
-    return CurateResult(output_dir, len(accepted), summary["train"], summary["val"], content_hash, funnel, summary["reasons"])
+    root = work_root(output_dir)
+    jobs, skipped = score(config, raw_dir, root)
+    inputs = sum(len(job.raw_rows) for job in jobs)
+    if inputs != len(read_manifest(raw_dir)):
+        raise ValueError(f"{raw_dir}: shards hold {inputs} samples but the manifest lists {len(read_manifest(raw_dir))}")
+    result = finish(config, [job.out_dir for job in jobs], output_dir, inputs, skipped)
+    if not os.environ.get(WORK_ENV):
+        shutil.rmtree(root, ignore_errors=True)  # a private work dir has served its purpose
+    return result
 
 
-def stage(recipe, inputs, outputs, tracker, context, **_: object):
-    """Tracking glue for the runner: curate `inputs['raw_dataset']` into `outputs['dataset']`."""
+def _stage_output(recipe, result: CurateResult, tracker):
     from components.runner import StageOutput
 
-    result = run(recipe.curate, inputs["raw_dataset"], outputs["dataset"])
     metrics = {f"curate.funnel.{k}": v for k, v in result.funnel.items()}
     metrics.update({f"curate.reason.{k}": v for k, v in result.reasons.items()})
-    metrics.update({"curate.accepted": result.num_samples, "curate.train": result.num_train, "curate.val": result.num_val})
+    metrics.update({"curate.accepted": result.num_samples, "curate.train": result.num_train, "curate.val": result.num_val,
+                    "curate.clusters": result.summary["clusters"],
+                    "curate.balance_effective_clusters": result.summary["balance_effective_clusters"],
+                    "curate.resumed_shards": result.summary["resumed_shards"]})
     metadata = {"num_samples": result.num_samples, "num_train": result.num_train, "num_val": result.num_val,
                 "content_hash": result.content_hash, "resolution": recipe.curate.resolution}
     tracker.set_tags({"dataset.sha256": result.content_hash})
     out = result.directory
     return StageOutput(metadata=metadata, metrics=metrics,
                        artifacts=[out / "report.json", out / "report.html", out / "manifest.parquet", out / REJECTS])
+
+
+def stage(recipe, inputs, outputs, tracker, context, **_: object):
+    """Tracking glue for the runner: curate `inputs['raw_dataset']` into `outputs['dataset']`."""
+    return _stage_output(recipe, run(recipe.curate, inputs["raw_dataset"], outputs["dataset"]), tracker)
+
+
+def shard_stage(recipe, inputs, outputs, tracker, context, shard: str = "", **_: object):
+    """Runner glue for one ParallelFor branch: score raw shard `shard` into `outputs['scored']`."""
+    from components.runner import StageOutput
+
+    out = Path(outputs["scored"])
+    jobs, skipped = score(recipe.curate, inputs["raw_dataset"], out.parent / (out.name + ".work"), only=[shard])
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(jobs[0].out_dir, out)
+    shutil.rmtree(jobs[0].out_dir.parent, ignore_errors=True)
+    return StageOutput(metadata={"shard": shard, "items": len(jobs[0].raw_rows)},
+                       metrics={"curate_shard.items": len(jobs[0].raw_rows)})
+
+
+def merge_stage(recipe, inputs, outputs, tracker, context, scored: list[str] | None = None, **_: object):
+    """Runner glue for the global merge after the ParallelFor: `scored` lists the scored shard directories."""
+    raw_dir = Path(inputs["raw_dataset"])
+    inputs_count = len(read_manifest(raw_dir))
+    dirs = [Path(p) for p in (scored or [])]
+    if not dirs:
+        raise ValueError("curate merge got no scored shards")
+    return _stage_output(recipe, finish(recipe.curate, dirs, outputs["dataset"], inputs_count, 0), tracker)

@@ -1,0 +1,46 @@
+"""The curation pipeline: ingest -> ParallelFor over raw shards (score) -> one global merge.
+
+The cluster shape of curation: each raw shard is scored by its own task (decode, clips,
+buckets, captions, hashes, OCR/safety/BRISQUE/feature/aesthetic scores), as many at once as
+`parallelism` allows, and KFP's cache skips shards already scored with the same recipe and
+code when a run is retried. One merge task then does what needs every sample at once: exact,
+perceptual and semantic dedup across shards, the thresholds, review labels, split, concept
+balancing, and the final shards + report. Its output is the same dataset that the training
+pipeline's single `curate` task makes.
+"""
+
+
+from collections.abc import Callable  # no `from __future__ import annotations`: KFP reads real annotations
+
+from kfp import dsl
+
+from components.config import Recipe
+from components.curate.component import curate_merge, curate_shard, list_raw_shards
+from components.ingest.component import ingest
+
+PIPELINE_NAME = "reelforge-curation"
+
+
+def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 8) -> Callable:
+    """The curation pipeline for `recipe` (its JSON is the `recipe` parameter default)."""
+    image = image or recipe.image
+    op = lambda face: dsl.component(face, base_image=image, install_kfp_package=False)  # noqa: E731
+    ingest_op, list_op, shard_op, merge_op = op(ingest), op(list_raw_shards), op(curate_shard), op(curate_merge)
+    default_recipe = recipe.to_json()
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="reelforge: ingest a source and curate it shard-parallel, then merge and dedup globally.")
+    def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = ""):
+        common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                      pipeline_name=PIPELINE_NAME, git_commit=git_commit)
+        ingest_task = ingest_op(source=source, **common).set_display_name("ingest")
+        ingest_task.set_caching_options(False)  # the source is mutable and not an input artifact
+        raw = ingest_task.outputs["raw_dataset"]
+        shards = list_op(raw_dataset=raw).set_display_name("list shards")
+        with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
+            score_task = shard_op(shard=shard, raw_dataset=raw, **common).set_display_name("score shard")
+            score_task.set_caching_options(True)
+        merge_task = merge_op(raw_dataset=raw, scored=dsl.Collected(score_task.outputs["scored"]), **common)
+        merge_task.set_display_name("merge + dedup").set_caching_options(True)
+
+    return curation_pipeline
