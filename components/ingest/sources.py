@@ -2,17 +2,21 @@
 
 A source yields `RawItem`s (bytes plus caption metadata) and a fingerprint that changes when
 its content changes (used as the local cache key). New sources implement `Source`; the spec
-string users type (`--source`) is parsed by `parse_source`.
+string users type (`--source`) is parsed by `parse_source`: `tuxpaint[:<dir>]`,
+`folder:<dir>` (or a plain directory) and `s3://<bucket>[/<prefix>]`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Files that carry captions or metadata, never samples.
@@ -34,19 +38,47 @@ class RawItem:
     caption: str | None  # None when the source has no caption for it
     caption_source: str  # "sidecar_txt", "captions_jsonl", "filename" or "none"
     category: str | None  # coarse label when the source has one (Tux Paint: top folder)
+    # How to fetch the bytes when `source_path` is not a local file (S3: a GET). None = local path.
+    reader: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
 
     def read(self) -> bytes:
         """The file's bytes (read lazily so sources can stream)."""
+        if self.reader is not None:
+            return self.reader()
         return Path(self.source_path).read_bytes()
 
 
-def _read_caption_text(path: Path) -> str:
-    """First non-empty line of a caption file; bytes that are not UTF-8 are replaced, not fatal."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    for line in text.splitlines():
+def _first_line(data: bytes) -> str:
+    """First non-empty line of caption bytes; bytes that are not UTF-8 are replaced, not fatal."""
+    for line in data.decode("utf-8", errors="replace").splitlines():
         if line.strip():
             return line.strip()
     return ""
+
+
+def _read_caption_text(path: Path) -> str:
+    """First non-empty line of a caption file (see `_first_line`)."""
+    return _first_line(path.read_bytes())
+
+
+def _parse_captions_jsonl(data: bytes, where: str) -> dict[str, str]:
+    """`{"file": ..., "caption": ...}` lines -> {file: caption}; a bad line names `where` and its number."""
+    captions: dict[str, str] = {}
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file"])] = str(row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SourceError(f"{where}:{number}: expected a JSON object with 'file' and 'caption' ({error})") from None
+    return captions
+
+
+def _is_sample_name(relative: str) -> bool:
+    """Every file is a candidate sample (images and videos alike) except sidecars and hidden files."""
+    name = PurePosixPath(relative).name
+    return not name.startswith(".") and PurePosixPath(name).suffix.lower() not in _SIDECAR_SUFFIXES
 
 
 def _caption_from_filename(path: Path) -> str:
@@ -93,24 +125,11 @@ class FolderSource(Source):
 
     def _load_jsonl(self) -> dict[str, str]:
         path = self.root / "captions.jsonl"
-        captions: dict[str, str] = {}
-        if not path.is_file():
-            return captions
-        for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[str(row["file"])] = str(row["caption"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise SourceError(
-                    f"{path}:{number}: expected a JSON object with 'file' and 'caption' ({error})"
-                ) from None
-        return captions
+        return _parse_captions_jsonl(path.read_bytes(), str(path)) if path.is_file() else {}
 
     def _candidates(self) -> Iterator[Path]:
         for path in sorted(self.root.rglob("*")):
-            if path.is_file() and path.suffix.lower() not in _SIDECAR_SUFFIXES and not path.name.startswith("."):
+            if path.is_file() and _is_sample_name(path.name):
                 yield path
 
     def items(self) -> Iterator[RawItem]:
@@ -161,8 +180,227 @@ class TuxPaintSource(Source):
             yield RawItem(str(path), relative, caption, origin, relative.split("/", 1)[0])
 
 
+# S3's own bucket naming rules (3-63 chars: lowercase letters, digits, dots, hyphens).
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Sidecar caption fetches are tiny GETs dominated by latency: overlap a few.
+_CAPTION_FETCH_THREADS = 8
+
+
+@dataclass(frozen=True)
+class _S3Object:
+    key: str
+    size: int
+    etag: str
+
+
+class S3Source(Source):
+    """Objects under `s3://<bucket>/<prefix>/`, with FolderSource's caption conventions.
+
+    Layout: `captions.jsonl` at the prefix root ({"file": "<path below the prefix>", "caption":
+    ...}) wins over a sidecar `<name>.txt` next to the object. Every other object is a candidate
+    sample, images and videos (.mp4, .mov, .webm, .mkv, .avi) alike; curation decides by content.
+    Keys are listed with a paginator in the same order FolderSource walks a folder, so ingesting
+    an `aws s3 sync` of the prefix gives the same items, captions and bytes.
+
+    Where the server is and who you are come from the standard AWS configuration, never from
+    the spec or a recipe (a recipe must not pin a deployment's endpoint or secrets):
+    - endpoint: `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`, or `endpoint_url` in the AWS
+      config profile); unset = AWS itself. Set it for MinIO, Ceph, R2 or moto. The
+      `endpoint_url` argument overrides it for programmatic use.
+    - credentials: the usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+      web identity / IRSA, an instance role).
+    - region: AWS_DEFAULT_REGION / AWS_REGION (optional for most S3-compatible servers).
+
+    Nothing is downloaded to build the listing or the fingerprint (keys, ETags, sizes) except
+    `captions.jsonl` and sidecar `.txt` captions, which `items()` needs. Sample bytes are read
+    lazily by `RawItem.read()`; botocore retries throttling and transient errors (standard
+    mode, `max_attempts` calls), and a body cut off mid-stream is fetched again up to the same
+    bound. Missing bucket, missing credentials, denied access and an unreachable endpoint raise
+    `SourceError` naming the bucket/prefix and what to set.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        max_attempts: int = 5,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if not _BUCKET_NAME.match(bucket):
+            raise SourceError(
+                f"s3://{bucket}: {bucket!r} is not a valid bucket name "
+                "(3-63 characters: lowercase letters, digits, dots and hyphens)"
+            )
+        if max_attempts < 1:
+            raise SourceError(f"s3://{bucket}: max_attempts must be at least 1, got {max_attempts}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.max_attempts = max_attempts
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.name = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client_instance: Any = None  # built on first use: parsing a spec needs no credentials
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @property
+    def _client(self) -> Any:
+        if self._client_instance is None:
+            import boto3  # here, not at import time: folder and Tux Paint sources don't need it
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+            )
+            self._client_instance = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, config=config
+            )
+        return self._client_instance
+
+    @property
+    def _key_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def _fail(self, error: Exception, doing: str) -> NoReturn:
+        """Turn a boto3/botocore error into a SourceError that says what to fix."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError as BotoConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        where = f"{self.name} ({doing})"
+        endpoint = self.endpoint_url or getattr(getattr(self._client_instance, "meta", None), "endpoint_url", None)
+        if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+            raise SourceError(
+                f"{where}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE, or run with an instance/pod role)"
+            ) from error
+        if isinstance(error, BotoConnectionError):
+            raise SourceError(
+                f"{where}: cannot reach the S3 endpoint {endpoint} ({error}); check AWS_ENDPOINT_URL_S3 "
+                "(or AWS_ENDPOINT_URL) points at a running S3 server (MinIO, moto, ...) or unset it for AWS"
+            ) from error
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                raise SourceError(
+                    f"{where}: bucket {self.bucket!r} does not exist at {endpoint}: create it, fix the "
+                    "spec s3://<bucket>/<prefix>, or set AWS_ENDPOINT_URL_S3 to the server that has it"
+                ) from error
+            if code in {"NoSuchKey", "404"}:
+                raise SourceError(f"{where}: the object is gone (deleted since it was listed?); run again") from error
+            if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}:
+                raise SourceError(
+                    f"{where}: access denied ({code}) at {endpoint}: check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
+                ) from error
+            raise SourceError(f"{where}: S3 error {code or 'unknown'} at {endpoint}: {error}") from error
+        raise SourceError(f"{where}: {type(error).__name__}: {error}") from error
+
+    def _list(self) -> list[_S3Object]:
+        """Every object under the prefix (directory markers skipped), in FolderSource's path order."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        objects = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key_prefix)
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    if not entry["Key"].endswith("/"):
+                        objects.append(_S3Object(entry["Key"], int(entry["Size"]), str(entry.get("ETag", ""))))
+        except (BotoCoreError, ClientError) as error:
+            self._fail(error, f"listing s3://{self.bucket}/{self._key_prefix}")
+        # Sort like pathlib sorts paths (part by part), so order and max_samples match a local copy.
+        return sorted(objects, key=lambda obj: obj.key.split("/"))
+
+    def _get(self, key: str) -> bytes:
+        """One object's bytes; a body cut off mid-stream is fetched again (bounded by max_attempts)."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                data = response["Body"].read()
+                expected = response.get("ContentLength")
+                if expected is None or len(data) == expected:
+                    return data
+                problem: Exception = IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
+            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as error:
+                problem = error
+            except (BotoCoreError, ClientError) as error:
+                self._fail(error, f"reading s3://{self.bucket}/{key}")
+            if attempt == self.max_attempts:
+                self._fail(problem, f"reading s3://{self.bucket}/{key}, {attempt} attempts")
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    # -- Source API -------------------------------------------------------------------------
+    def items(self) -> Iterator[RawItem]:
+        """Every non-sidecar object under the prefix, with its caption if one exists."""
+        objects = self._list()
+        relative = {obj.key: obj.key[len(self._key_prefix):] for obj in objects}
+        keys = set(relative)
+        jsonl_key = f"{self._key_prefix}captions.jsonl"
+        jsonl = (
+            _parse_captions_jsonl(self._get(jsonl_key), f"s3://{self.bucket}/{jsonl_key}") if jsonl_key in keys else {}
+        )
+        samples = [obj.key for obj in objects if _is_sample_name(relative[obj.key])]
+        sidecars = {
+            key: str(PurePosixPath(key).with_suffix(".txt"))
+            for key in samples
+            if relative[key] not in jsonl and str(PurePosixPath(key).with_suffix(".txt")) in keys
+        }
+        with ThreadPoolExecutor(_CAPTION_FETCH_THREADS) as pool:
+            texts = dict(zip(sidecars.values(), pool.map(self._get, sidecars.values())))
+        for key in samples:
+            path = relative[key]
+            if path in jsonl:
+                caption, origin = jsonl[path], "captions_jsonl"
+            elif key in sidecars:
+                caption, origin = _first_line(texts[sidecars[key]]), "sidecar_txt"
+            else:
+                caption, origin = None, "none"
+            category = path.split("/", 1)[0] if "/" in path else None
+            yield RawItem(f"s3://{self.bucket}/{key}", path, caption, origin, category,
+                          reader=lambda key=key: self._get(key))
+
+    def fingerprint(self) -> str:
+        """Hash of every key, ETag and size under the prefix (captions included); downloads nothing."""
+        digest = hashlib.sha256(self.name.encode())
+        for obj in self._list():
+            digest.update(f"{obj.key}\0{obj.size}\0{obj.etag}\n".encode())
+        return digest.hexdigest()
+
+
+def parse_s3_spec(spec: str) -> tuple[str, str]:
+    """Split `s3://<bucket>[/<prefix>]` into (bucket, prefix without surrounding slashes)."""
+    if not spec.startswith("s3://"):
+        raise SourceError(f"{spec!r}: an S3 source looks like s3://<bucket>/<prefix>")
+    if "?" in spec or "#" in spec:
+        raise SourceError(
+            f"{spec!r}: S3 specs take no query or fragment; set the endpoint with AWS_ENDPOINT_URL_S3 "
+            "and credentials with the usual AWS variables (see docs/s3.md)"
+        )
+    bucket, _, prefix = spec[len("s3://"):].partition("/")
+    if not bucket:
+        raise SourceError(f"{spec!r}: missing bucket name; use s3://<bucket>/<prefix>")
+    return bucket, prefix.strip("/")
+
+
 def parse_source(spec: str) -> Source:
-    """Build a source from its spec: `tuxpaint`, `tuxpaint:<dir>`, `folder:<dir>` or `<dir>`."""
+    """Build a source from its spec: `tuxpaint`, `tuxpaint:<dir>`, `folder:<dir>`, `s3://<bucket>/<prefix>` or `<dir>`."""
     kind, _, argument = spec.partition(":")
     if kind == "tuxpaint":
         return TuxPaintSource(Path(argument)) if argument else TuxPaintSource()
@@ -171,7 +409,11 @@ def parse_source(spec: str) -> Source:
             raise SourceError("folder source needs a path: folder:<dir>")
         return FolderSource(Path(argument))
     if kind == "s3":
-        raise SourceError(f"{spec}: S3 sources are not supported yet; sync to a folder and use folder:<dir>")
+        bucket, prefix = parse_s3_spec(spec)
+        return S3Source(bucket, prefix)
     if Path(spec).is_dir():
         return FolderSource(Path(spec))
-    raise SourceError(f"unknown source {spec!r}: use tuxpaint, tuxpaint:<dir>, folder:<dir> or an existing directory")
+    raise SourceError(
+        f"unknown source {spec!r}: use tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> "
+        "or an existing directory"
+    )

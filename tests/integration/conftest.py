@@ -1,0 +1,119 @@
+"""Integration fixtures: a real S3-compatible server (moto in server mode) over HTTP on loopback.
+
+The server is a separate `moto_server` process, so boto3 in this process, DVC (s3fs) and an
+MLflow server, each in their own process, all reach the same buckets over the network, the
+way they reach MinIO or AWS. Credentials are dummies set for the test only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+# Dummy values: moto accepts any credentials; these never name a real account.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Anything from the developer's own AWS setup that could leak into a test.
+_AWS_VARIABLES_TO_CLEAR = (
+    "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "MLFLOW_S3_ENDPOINT_URL",
+)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def s3_env(endpoint: str, base: dict[str, str] | None = None, tmp: Path | None = None) -> dict[str, str]:
+    """An environment for a subprocess (or monkeypatch) that talks to `endpoint` with dummy credentials.
+
+    `tmp` points AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE at files that do not exist, so a
+    developer's ~/.aws never changes what a test sees.
+    """
+    env = dict(os.environ if base is None else base)
+    for key in _AWS_VARIABLES_TO_CLEAR:
+        env.pop(key, None)
+    env.update(S3_TEST_ENV)
+    env["AWS_ENDPOINT_URL_S3"] = endpoint
+    if tmp is not None:
+        env["AWS_CONFIG_FILE"] = str(tmp / "no-aws-config")
+        env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp / "no-aws-credentials")
+    return env
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start `moto_server` on a free loopback port; yield its endpoint URL (http://127.0.0.1:PORT)."""
+    executable = BIN / "moto_server"
+    if not executable.exists():
+        pytest.fail(f"moto_server is missing next to {sys.executable}: moto[server] is a test dependency (make install)")
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # moto's own endpoint: answers once the server is up, without credentials.
+                with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto_server did not start on {url}:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A fresh bucket on the test server, a client for it, and the endpoint it lives at."""
+
+    name: str
+    client: Any  # boto3 S3 client
+    endpoint: str
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Bucket:
+    """A new, empty bucket; this test's environment points boto3 at the server with dummy credentials."""
+    import boto3
+
+    for key, value in s3_env(s3_server, base={}, tmp=tmp_path).items():
+        monkeypatch.setenv(key, value)
+    for key in _AWS_VARIABLES_TO_CLEAR:
+        if key != "AWS_ENDPOINT_URL_S3":
+            monkeypatch.delenv(key, raising=False)
+    name = f"reelforge-{uuid.uuid4().hex[:12]}"
+    client = boto3.session.Session().client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    return S3Bucket(name, client, s3_server)
