@@ -4,6 +4,7 @@
     reelforge compile  [--out DIR]                                       IR YAML for the KFP UI
     reelforge <stage>  --recipe R ... --out DIR                          one stage alone (DVC, cluster)
     reelforge recipes                                                    list / show recipes
+    reelforge review   export|import ...                                 human review of a curated dataset
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = verbs.add_parser("recipes", help="list recipes, or print one resolved with its defaults")
     recipes.add_argument("name", nargs="?", help="recipe to print")
 
+    _add_review_parser(verbs)
+
     for verb, (stage, input_flags, output, help_text) in STAGE_VERBS.items():
         sub = verbs.add_parser(verb, help=f"run the {stage} stage alone: {help_text}")
         _add_recipe_args(sub)
@@ -89,6 +92,63 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--workdir", type=Path, default=Path("work"),
                          help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
     return parser
+
+
+def _add_review_parser(verbs: Any) -> None:
+    review = verbs.add_parser(
+        "review", help="human review of a curated dataset: export a contact sheet, import accept/reject labels",
+        description="Emu-style human review pass. `export` writes a contact sheet (index.html) and "
+        "candidates.csv; fill its label column with accept/reject (a spreadsheet is fine) and `import` it: "
+        "the labels and an aesthetic head trained on them go into a review directory that curation uses via "
+        "--set curate.aesthetic.review_dir=REVIEW_DIR.")
+    actions = review.add_subparsers(dest="review_action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export", help="write index.html + candidates.csv for reviewers",
+        description="Candidates: the top --limit samples by --sort-by plus as many drawn at random from the "
+        "rest across its score range, so reviewers label weak samples too.")
+    export.add_argument("--dataset", type=Path, required=True,
+                        help="curated dataset directory (the curate stage's output: manifest.parquet + shards)")
+    export.add_argument("--out", type=Path, required=True, help="folder for index.html and candidates.csv")
+    export.add_argument("--limit", type=int, default=200, help="how many top samples to show (default: 200)")
+    export.add_argument("--sort-by", default="aesthetic",
+                        help="manifest score column that ranks the candidates (default: aesthetic)")
+    export.add_argument("--split", default="train", choices=["train", "val"], help="which split (default: train)")
+    import_ = actions.add_parser(
+        "import", help="validate a labelled candidates.csv, save the labels and train the aesthetic head",
+        description="Labels: accept/reject (any case) or 1/0; blank rows are skipped. Importing again into the "
+        "same --out merges the labels (the newer label wins for an id).")
+    import_.add_argument("--labels", type=Path, required=True, help="the reviewed candidates.csv")
+    import_.add_argument("--dataset", type=Path, required=True,
+                         help="the curated dataset the CSV was exported from (needs embeddings.npy)")
+    import_.add_argument("--out", type=Path, required=True,
+                         help="review directory: labels.parquet + aesthetic_head.safetensors go here")
+
+
+def _review(args: argparse.Namespace) -> int:
+    from components.curate.review import NotACuratedDatasetError, ReviewError, export_review, import_review
+
+    try:
+        if args.review_action == "export":
+            index = export_review(args.dataset, args.out, limit=args.limit, sort_by=args.sort_by, split=args.split)
+            candidates = index.parent / "candidates.csv"
+            print(f"wrote {index}\nwrote {candidates}\n"
+                  f"next: open {index} in a browser, fill the label column of {candidates.name} with accept or "
+                  f"reject (a spreadsheet is fine), then\n"
+                  f"  reelforge review import --labels {candidates} --dataset {args.dataset} --out REVIEW_DIR")
+            return 0
+        result = import_review(args.labels, args.dataset, args.out)
+    except (NotACuratedDatasetError, ReviewError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    cv = "n/a (fewer than 10 labels)" if result.cv_accuracy is None else f"{result.cv_accuracy:.1%}"
+    print(f"imported {result.rows_labelled} labels ({result.rows_blank} blank rows skipped); {result.n_labels} in "
+          f"total: {result.n_accept} accept, {result.n_reject} reject\n"
+          f"wrote {result.labels_path}\n"
+          f"wrote {result.head_path} (+ .json): trained on {result.n_trained} labels, "
+          f"train accuracy {result.train_accuracy:.1%}, cross-validated accuracy {cv}\n"
+          f"next: curate with the head and labels:\n"
+          f"  reelforge curate --raw RAW_DIR --out DIR --set curate.aesthetic.review_dir={result.review_dir}")
+    return 0
 
 
 def _print_summary(result: Any) -> None:
@@ -119,6 +179,8 @@ def _print_summary(result: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `reelforge` console script."""
     args = build_parser().parse_args(argv)
+    if args.verb == "review":
+        return _review(args)
     try:
         if args.verb == "recipes":
             if args.name:

@@ -160,7 +160,8 @@ def select_quality_tuning_set(manifest: pd.DataFrame, *, top_k: int, per_cluster
     if per_cluster_cap is not None and per_cluster_cap < 1:
         raise ValueError(f"per_cluster_cap must be >= 1 or None, got {per_cluster_cap}")
     if not score_columns or sum(abs(w) for w in score_columns.values()) == 0:
-        raise ValueError("score_columns must weight at least one manifest column, e.g. {'aesthetic': 0.5, 'quality': 0.5}")
+        raise ValueError("score_columns must weight at least one manifest column, "
+                         "e.g. {'aesthetic': 0.5, 'quality': 0.5}")
     missing = [column for column in score_columns if column not in manifest.columns]
     if missing:
         raise ValueError(f"the manifest has no score column {missing} (columns: {sorted(manifest.columns)})")
