@@ -108,11 +108,10 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     """A new, empty bucket; this test's environment points boto3 at the server with dummy credentials."""
     import boto3
 
+    for key in _AWS_VARIABLES_TO_CLEAR:
+        monkeypatch.delenv(key, raising=False)
     for key, value in s3_env(s3_server, base={}, tmp=tmp_path).items():
         monkeypatch.setenv(key, value)
-    for key in _AWS_VARIABLES_TO_CLEAR:
-        if key != "AWS_ENDPOINT_URL_S3":
-            monkeypatch.delenv(key, raising=False)
     name = f"reelforge-{uuid.uuid4().hex[:12]}"
     client = boto3.session.Session().client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)

@@ -58,6 +58,10 @@ def test_ingest_from_s3_matches_ingest_from_the_same_local_folder(s3_bucket: S3B
     (local / "clips").mkdir()
     shutil.copy(VIDEO, local / "clips" / "carphone.mp4")
     (local / "clips" / "carphone.txt").write_text("a man talking on a phone in a car\n")
+    # Keys that sort differently as strings ('-' < '/') than as paths: the order must still match.
+    for folder in ("a", "a-b"):
+        (local / folder).mkdir()
+        shutil.copy(local / "red" / "red_0.png", local / folder / "x.png")
     _upload_folder(s3_bucket, local, "datasets/v1")
     spec = f"s3://{s3_bucket.name}/datasets/v1"
 
