@@ -35,7 +35,8 @@ class IngestConfig(_Section):
 
     source: str = Field(
         "tuxpaint",
-        description="Source spec: 'tuxpaint[:<stamps dir>]', 'folder:<dir>' (or a plain directory path).",
+        description="Source spec: 'tuxpaint[:<stamps dir>]', 'folder:<dir>' (or a plain directory path), "
+        "'s3://<bucket>[/<prefix>]' (endpoint and credentials from the AWS environment, see docs/s3.md).",
     )
     max_samples: int | None = Field(None, gt=0, description="Stop after this many files (None = all).")
     shard_size: int = Field(512, gt=0, description="Raw files per ingest tar shard.")
@@ -106,7 +107,9 @@ class AestheticConfig(_Section):
     )
 
 
-_DEFAULT_BUCKETS = ["1:1", "4:3", "3:4", "16:9", "9:16"]
+# Training recipes keep the one square bucket (the pixel-space DiT trains on one size); a
+# curation-only recipe can list more, e.g. ["1:1", "4:3", "3:4", "16:9", "9:16"].
+_DEFAULT_BUCKETS = ["1:1"]
 
 
 class CurateConfig(_Section):
@@ -115,7 +118,8 @@ class CurateConfig(_Section):
     resolution: int = Field(32, ge=8, le=4096, description="Output size in pixels: the side of the 1:1 bucket; other buckets keep about the same area.")
     buckets: list[str] = Field(
         default_factory=lambda: list(_DEFAULT_BUCKETS),
-        description="Aspect-ratio buckets 'W:H'; each image goes to the nearest (log ratio) and is cropped to it.",
+        description="Aspect-ratio buckets 'W:H', e.g. ['1:1', '4:3', '3:4', '16:9', '9:16']; each sample goes to "
+        "the nearest (log ratio) and is cropped to it. Training needs a single bucket today.",
     )
     min_side: int = Field(32, ge=1, description="Reject images whose shorter side is below this (pixels).")
     max_aspect_ratio: float = Field(4.0, ge=1.0, description="Reject images with long/short side above this.")
@@ -241,9 +245,14 @@ class QualityTuneConfig(TrainConfig):
     steps: int = Field(150, gt=0, description="Optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (Emu: small, to keep knowledge).")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
-    top_k: int = Field(200, gt=0, description="Train on this many highest-quality training samples.")
-    score: Literal["quality", "sharpness", "colorfulness"] = Field(
-        "quality", description="Manifest column that ranks samples."
+    top_k: int = Field(200, gt=0, description="Train on this many of the best training samples (Emu: ~2,000).")
+    scores: dict[str, float] = Field(
+        default_factory=lambda: {"aesthetic": 0.5, "quality": 0.5},
+        description="Manifest score columns and weights that rank samples (rank-normalised; a negative weight "
+        "means lower is better, e.g. brisque: -0.2). Reviewer accept labels come first, reject labels never.",
+    )
+    per_cluster_cap: int = Field(
+        0, ge=0, description="At most this many samples per concept cluster, for diversity (0 = no cap)."
     )
 
 

@@ -60,6 +60,11 @@ def load_split(dataset_dir: Path, split: str, ids: set[str] | None = None) -> Sp
     """Decode a split's shards (optionally only `ids`) into memory, in manifest order."""
     manifest = read_manifest(dataset_dir)
     rows = manifest[manifest["split"] == split]
+    if "media" in rows.columns:  # video clips are curated too; the image model trains on images
+        rows = rows[rows["media"] == "image"]
+    if "bucket" in rows.columns and rows["bucket"].nunique() > 1:
+        raise ValueError(f"{dataset_dir}: split '{split}' has aspect buckets {sorted(rows['bucket'].unique())}; "
+                         "the pixel-space DiT trains on one square size: curate with curate.buckets: ['1:1']")
     if ids is not None:
         rows = rows[rows["id"].isin(ids)]
     wanted = set(rows["id"])

@@ -59,14 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    run = verbs.add_parser("run", help="run the training pipeline locally (KFP local runner, SQLite MLflow)",
-                           description="Run ingest -> curate -> pretrain -> quality_tune -> evaluate -> register "
-                           "through kfp.local on this machine.")
+    run = verbs.add_parser("run", help="run a pipeline locally (KFP local runner, SQLite MLflow)",
+                           description="Run the training pipeline (ingest -> curate -> pretrain -> quality_tune -> "
+                           "evaluate -> register) or the curation pipeline (ingest -> ParallelFor over raw shards "
+                           "-> global merge/dedup) through kfp.local on this machine.")
     _add_recipe_args(run)
+    run.add_argument("--pipeline", choices=["training", "curation"], default="training",
+                     help="which pipeline (default: training)")
     run.add_argument("--workdir", type=Path, default=Path("work"),
                      help="where outputs, mlflow.db and the cache go (default: ./work)")
     run.add_argument("--source", default="",
-                     help="data source: tuxpaint, tuxpaint:<dir>, folder:<dir> (default: the recipe's)")
+                     help="data source: tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> (default: the recipe's)")
     run.add_argument("--no-cache", action="store_true", help="re-run ingest and curate even if cached")
 
     compile_ = verbs.add_parser("compile", help="write every pipeline's IR YAML (upload it in the KFP UI)")
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         if output:
             sub.add_argument("--out", type=Path, required=True, help=f"output {output.replace('_', ' ')} directory")
         if stage == "ingest":
-            sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, folder:<dir> (default: the recipe's)")
+            sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> (default: the recipe's)")
         sub.add_argument("--workdir", type=Path, default=Path("work"),
                          help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
     return parser
@@ -193,6 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if args.verb == "run" and args.pipeline == "curation":
+        from pipelines.local import run_curation
+
+        try:
+            result = run_curation(recipe, args.workdir, source=args.source)
+        except RuntimeError as error:
+            print(f"error: pipeline failed: {error}\nThe failing task's log is above.", file=sys.stderr)
+            return 1
+        summary = result.summary
+        print(f"curated {summary['accepted']} of {summary['input']} inputs in {result.seconds:.0f} s\n"
+              f"dataset: {summary['dataset']}\nreport:  {summary['dataset']}/report.html\n"
+              f"funnel:  {json.dumps(summary['funnel'])}")
+        return 0
     if args.verb == "run":
         from pipelines.local import run_training
 

@@ -30,7 +30,7 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="reelforge: ingest a source and curate it shard-parallel, then merge and dedup globally.")
-    def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = ""):
+    def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> dsl.Dataset:
         common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                       pipeline_name=PIPELINE_NAME, git_commit=git_commit)
         ingest_task = ingest_op(source=source, **common).set_display_name("ingest")
@@ -42,5 +42,6 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
             score_task.set_caching_options(True)
         merge_task = merge_op(raw_dataset=raw, scored=dsl.Collected(score_task.outputs["scored"]), **common)
         merge_task.set_display_name("merge + dedup").set_caching_options(True)
+        return merge_task.outputs["dataset"]
 
     return curation_pipeline

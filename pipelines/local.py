@@ -75,13 +75,9 @@ def _stage_seconds(experiment: str, parent_run_id: str) -> dict[str, float]:
     return seconds
 
 
-def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
-    """Execute the training pipeline locally; raises if any task fails."""
+def _init_local(workdir: Path, cache: bool) -> tuple[str, str]:
     import kfp.local
 
-    from pipelines.training import build_pipeline
-
-    workdir = Path(workdir).resolve()
     uri = prepare_environment(workdir, cache=cache)
     commit = git_commit()
     if commit:
@@ -93,6 +89,15 @@ def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = 
         pipeline_root=str(workdir / "pipeline_root"),
         raise_on_error=True,
     )
+    return uri, commit
+
+
+def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
+    """Execute the training pipeline locally; raises if any task fails."""
+    from pipelines.training import build_pipeline
+
+    workdir = Path(workdir).resolve()
+    uri, commit = _init_local(workdir, cache)
     pipeline = build_pipeline(recipe)
     started = time.monotonic()
     task = pipeline(recipe=recipe.to_json(), source=source, git_commit=commit)
@@ -101,3 +106,23 @@ def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = 
     parent = summary.get("mlflow_parent_run_id", "")
     stage_seconds = _stage_seconds(recipe.tracking.experiment, parent) if parent else {}
     return LocalRunResult(workdir, uri, summary, seconds, stage_seconds)
+
+
+def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: int = 2) -> LocalRunResult:
+    """Execute the curation pipeline (ParallelFor over raw shards, then the global merge) locally.
+
+    The summary holds the curated dataset's path and its report. kfp.local runs the loop's
+    iterations in threads, each task a subprocess, up to `parallelism` at once.
+    """
+    from pipelines.curation import build_pipeline
+
+    workdir = Path(workdir).resolve()
+    uri, commit = _init_local(workdir, cache=False)  # KFP's own cache is the shard cache on a cluster
+    started = time.monotonic()
+    task = build_pipeline(recipe, parallelism=parallelism)(recipe=recipe.to_json(), source=source, git_commit=commit)
+    seconds = time.monotonic() - started
+    dataset = Path(task.output.path)
+    report = json.loads((dataset / "report.json").read_text(encoding="utf-8"))
+    summary = {"dataset": str(dataset), "accepted": report["accepted"], "input": report["input"],
+               "funnel": report["funnel"], "content_hash": report["content_hash"]}
+    return LocalRunResult(workdir, uri, summary, seconds, {})

