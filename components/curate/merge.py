@@ -187,7 +187,7 @@ def _near_dedup(rows: pd.DataFrame, config: CurateConfig) -> None:
     groups = near_duplicate_groups(hashes, config.dedup.max_hamming)
     dup = np.flatnonzero(~groups.kept)
     ids = rows.loc[order, "id"].to_numpy()
-    details = [f"{config.dedup.hash} {int(groups.scores[i])} bits from kept sample {ids[groups.representative[i]]} "
+    details = [f"{config.dedup.hash} {int(groups.score[i])} bits from kept sample {ids[groups.representative[i]]} "
                f"(curate.dedup.max_hamming {config.dedup.max_hamming})" for i in dup]
     if len(dup):
         _remove(rows, rows.index.isin(order[dup]), RejectReason.NEAR_DUPLICATE, details)
@@ -204,7 +204,7 @@ def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateCo
     groups = semantic_duplicates(embeddings[rows.loc[order, "embedding_row"].to_numpy()], config.dedup.semantic_threshold)
     dup = np.flatnonzero(~groups.kept)
     ids = rows.loc[order, "id"].to_numpy()
-    details = [f"cosine {float(groups.scores[i]):.3f} to kept sample {ids[groups.representative[i]]} "
+    details = [f"cosine {float(groups.score[i]):.3f} to kept sample {ids[groups.representative[i]]} "
                f"(curate.dedup.semantic_threshold {config.dedup.semantic_threshold})" for i in dup]
     if len(dup):
         _remove(rows, rows.index.isin(order[dup]), RejectReason.SEMANTIC_DUPLICATE, details)
