@@ -86,9 +86,21 @@ class VideoConfig(_Section):
     min_fps: float = Field(10.0, gt=0, description="Reject videos below this frame rate.")
     max_seconds: float = Field(600.0, gt=0, description="Only the first this many seconds of a video are read (bounds memory and time).")
     fps: float = Field(8.0, gt=0, description="Frame rate clips are resampled to.")
-    scene_threshold: float = Field(0.5, gt=0, le=2.0, description="Colour-histogram distance between frames that marks a scene cut.")
-    min_motion: float = Field(0.002, ge=0, description="Reject clips with less mean motion than this (static).")
-    max_jitter: float = Field(0.5, ge=0, description="Reject clips whose frame-to-frame motion varies more than this (jittery).")
+    scene_threshold: float = Field(
+        0.3, gt=0, le=2.0,
+        description="Chi-square distance (0..2) between consecutive frames' HSV histograms that marks a scene cut "
+        "(real cuts measured 0.56-1.2, in-shot changes <= 0.15).",
+    )
+    min_motion: float = Field(
+        0.001, ge=0,
+        description="Reject clips whose mean optical-flow displacement per frame step (fraction of the frame diagonal, "
+        "at curate.video.fps) is below this: static (a repeated still measured 0.00002-0.0006, slow real footage 0.0016+).",
+    )
+    max_jitter: float = Field(
+        0.8, ge=0,
+        description="Reject clips whose camera shift changes more than this from step to step, relative to its mean "
+        "speed: jittery (steady real clips 0.13-0.46, random shakes ~1.6).",
+    )
     camera_tags: bool = Field(True, description="Append the camera motion (static, pan, tilt, zoom) to the caption.")
 
 
