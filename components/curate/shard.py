@@ -354,7 +354,16 @@ def score_shards(config: CurateConfig, jobs: list[ShardJob], workers: int = 1, o
 
 def _map(tasks: list, workers: int):
     if workers <= 1 or len(tasks) <= 1:
-        yield from map(_score_chunk, tasks)
+        # Score with one thread here too, as every pool worker does: scores (float sums in the
+        # models) then do not depend on how many workers ran, and neither does the dataset hash.
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield from map(_score_chunk, tasks)
+        finally:
+            torch.set_num_threads(threads)
         return
     # spawn, not fork: the parent may hold torch/MLflow threads, which fork copies badly.
     with get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:

@@ -82,7 +82,8 @@ def test_near_and_semantic_duplicates_are_found_across_shards(tmp_path: Path) ->
     copies = source / "zz_copies"  # sorted last: lands in another raw shard than its originals
     copies.mkdir()
     for index, stamp in enumerate(stamps[:3]):
-        image = Image.open(stamp).convert("RGB")
+        rgba = Image.open(stamp).convert("RGBA")  # composited over white, as curation does
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
         image.resize((image.width * 9 // 10, image.height * 9 // 10)).save(copies / f"copy_{index}.jpg", quality=90)
         (copies / f"copy_{index}.txt").write_text("a re-encoded copy")
     recipe = _recipe(**{"ingest.shard_size": 8, "curate.workers": 1})
