@@ -21,8 +21,13 @@ from components.ingest.component import ingest
 PIPELINE_NAME = "reelforge-curation"
 
 
-def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 8) -> Callable:
-    """The curation pipeline for `recipe` (its JSON is the `recipe` parameter default)."""
+def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 8, fan_in: bool = True) -> Callable:
+    """The curation pipeline for `recipe` (its JSON is the `recipe` parameter default).
+
+    `fan_in=False` leaves out the merge task: kfp.local (2.16) runs ParallelFor loops but cannot
+    schedule a task that collects a loop's outputs, so `pipelines.local.run_curation` runs the
+    loop through kfp.local and then the same merge stage itself. Compiled pipelines always fan in.
+    """
     image = image or recipe.image
     op = lambda face: dsl.component(face, base_image=image, install_kfp_package=False)  # noqa: E731
     ingest_op, list_op, shard_op, merge_op = op(ingest), op(list_raw_shards), op(curate_shard), op(curate_merge)
@@ -30,7 +35,7 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="reelforge: ingest a source and curate it shard-parallel, then merge and dedup globally.")
-    def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> dsl.Dataset:
+    def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = ""):
         common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                       pipeline_name=PIPELINE_NAME, git_commit=git_commit)
         ingest_task = ingest_op(source=source, **common).set_display_name("ingest")
@@ -40,8 +45,8 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
         with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
             score_task = shard_op(shard=shard, raw_dataset=raw, **common).set_display_name("score shard")
             score_task.set_caching_options(True)
-        merge_task = merge_op(raw_dataset=raw, scored=dsl.Collected(score_task.outputs["scored"]), **common)
-        merge_task.set_display_name("merge + dedup").set_caching_options(True)
-        return merge_task.outputs["dataset"]
+        if fan_in:
+            merge_task = merge_op(raw_dataset=raw, scored=dsl.Collected(score_task.outputs["scored"]), **common)
+            merge_task.set_display_name("merge + dedup").set_caching_options(True)
 
     return curation_pipeline

@@ -109,20 +109,46 @@ def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = 
 
 
 def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: int = 2) -> LocalRunResult:
-    """Execute the curation pipeline (ParallelFor over raw shards, then the global merge) locally.
+    """Execute the curation pipeline locally: ingest -> ParallelFor over raw shards -> global merge.
 
-    The summary holds the curated dataset's path and its report. kfp.local runs the loop's
-    iterations in threads, each task a subprocess, up to `parallelism` at once.
+    kfp.local (2.16) runs the ingest task and the ParallelFor loop (one scoring task per raw
+    shard, `parallelism` at once) but cannot schedule a task that collects a loop's outputs, so
+    the merge runs here through the same runner and stage as the compiled pipeline's merge task,
+    on the loop's outputs, in the same MLflow parent run. The summary holds the dataset path.
     """
-    from pipelines.curation import build_pipeline
+    from pipelines.curation import PIPELINE_NAME, build_pipeline
 
     workdir = Path(workdir).resolve()
     uri, commit = _init_local(workdir, cache=False)  # KFP's own cache is the shard cache on a cluster
     started = time.monotonic()
-    task = build_pipeline(recipe, parallelism=parallelism)(recipe=recipe.to_json(), source=source, git_commit=commit)
+    before = set((workdir / "pipeline_root").glob(f"{PIPELINE_NAME}-*"))
+    build_pipeline(recipe, parallelism=parallelism, fan_in=False)(recipe=recipe.to_json(), source=source,
+                                                                 git_commit=commit)
+    runs = sorted(set((workdir / "pipeline_root").glob(f"{PIPELINE_NAME}-*")) - before)
+    if len(runs) != 1:
+        raise RuntimeError(f"expected one new curation run under {workdir / 'pipeline_root'}, found {runs}")
+    run_dir = runs[0]
+    iterations = sorted(run_dir.glob("for-loop-*-iteration-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    scored = [str(p / "curate-shard" / "scored") for p in iterations]
+    job_id = _job_id_of(recipe.tracking.experiment, "curate_shard")
+    from components.runner import RunContext, execute
+
+    dataset = run_dir / "merge" / "dataset"
+    execute("curate_merge", recipe, {"raw_dataset": run_dir / "ingest" / "raw_dataset"}, {"dataset": dataset},
+            RunContext(pipeline_job_id=job_id, pipeline_name=PIPELINE_NAME, git_commit=commit), scored=scored)
     seconds = time.monotonic() - started
-    dataset = Path(task.output.path)
     report = json.loads((dataset / "report.json").read_text(encoding="utf-8"))
     summary = {"dataset": str(dataset), "accepted": report["accepted"], "input": report["input"],
-               "funnel": report["funnel"], "content_hash": report["content_hash"]}
+               "funnel": report["funnel"], "content_hash": report["content_hash"], "shards": len(scored)}
     return LocalRunResult(workdir, uri, summary, seconds, {})
+
+
+def _job_id_of(experiment: str, stage: str) -> str:
+    """The KFP job id recorded on the newest MLflow run of `stage` (so the merge joins the same parent run)."""
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return ""
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].data.tags.get(tracking.PIPELINE_JOB_TAG, "") if runs else ""

@@ -135,7 +135,7 @@ def write_report(directory: Path, summary: dict[str, Any], manifest: pd.DataFram
     """Write report.json and report.html into the dataset directory."""
     directory = Path(directory)
     thumbnails = thumbnails or {}
-    (directory / "report.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    (directory / "report.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     buckets = ", ".join(f"{k}: {v}" for k, v in summary.get("buckets", {}).items())
     captions = ", ".join(f"{k}: {v}" for k, v in summary.get("captions_by_source", {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>reelforge curation report</title>

@@ -106,7 +106,9 @@ def test_dvc_repro_push_pull_roundtrip(tmp_path: Path) -> None:
         "name": "dvc-test",
         "tracking": {"experiment": "reelforge-dvc-test"},
         "ingest": {"source": f"folder:{source}", "shard_size": 4},
-        "curate": {"resolution": 16, "min_side": 8, "shard_size": 4, "val_fraction": 0.2, "workers": 1},
+        # Synthetic look-alike images: only dedup by bytes here (this test is about DVC), few scorers.
+        "curate": {"resolution": 16, "min_side": 8, "shard_size": 4, "val_fraction": 0.2, "workers": 1,
+                   "scorers": ["technical", "features"], "dedup": {"perceptual": False, "semantic": False}},
         "text": {"max_tokens": 16},
         "model": {"preset": "tiny"},  # a 16 px model, to match curate.resolution (validated at load)
     }))
