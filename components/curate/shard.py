@@ -260,9 +260,11 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def _worker_init() -> None:
     # One BLAS/torch/ONNX thread per worker: the pool is the parallelism; more threads only thrash.
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    import cv2
     import torch
 
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict
     """A curated dataset, an MLflow store and the environment for the stage processes."""
     root = tmp_path_factory.mktemp("resume")
     make_image_folder(root / "source", per_colour=8, bad_files=False)
-    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.workers": 1})
+    # The synthetic discs look alike on purpose; keep them all (only exact dedup).
+    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.workers": 1,
+                                  "curate.dedup.perceptual": False, "curate.dedup.semantic": False})
     ingest(recipe.ingest, root / "raw", f"folder:{root / 'source'}")
     curate(recipe.curate, root / "raw", root / "curated")
     env = {k: v for k, v in os.environ.items() if k not in ("REELFORGE_CHECKPOINT_DIR", "REELFORGE_CACHE_DIR")}

@@ -69,6 +69,25 @@ def test_caching_only_where_outputs_depend_on_inputs_alone(compiled) -> None:
 
 def test_compile_defaults_to_the_recipe_image(tmp_path: Path) -> None:
     recipe = load_recipe("demo")
-    (path,) = compile_all(recipe, tmp_path)
+    path = next(p for p in compile_all(recipe, tmp_path) if p.name == f"{PIPELINE_NAME}.yaml")
     executors = yaml.safe_load(path.read_text())["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {recipe.image}
+
+
+def test_curation_pipeline_fans_out_over_shards_and_merges_once(tmp_path) -> None:
+    from pipelines.curation import PIPELINE_NAME as CURATION
+
+    compile_all(load_recipe("tiny"), tmp_path)
+    spec = yaml.safe_load((tmp_path / f"{CURATION}.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = [name for name, task in tasks.items() if "parameterIterator" in task]
+    assert len(loops) == 1
+    loop = tasks[loops[0]]
+    assert loop["parameterIterator"]["items"]["inputParameter"].startswith("pipelinechannel--list-raw-shards")
+    assert loop["iteratorPolicy"]["parallelismLimit"] >= 1
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert inner["curate-shard"]["cachingOptions"]["enableCache"] is True  # a retried run skips scored shards
+    merge = tasks["curate-merge"]
+    assert loops[0] in merge["dependentTasks"]
+    assert merge["inputs"]["artifacts"]["scored"]["taskOutputArtifact"]["producerTask"] == loops[0]
+    assert tasks["ingest"]["cachingOptions"].get("enableCache") is not True  # the source is mutable

@@ -92,6 +92,21 @@ def test_every_reason_has_a_description_and_stable_value() -> None:
         "bad_aspect_ratio",
         "exact_duplicate",
         "low_quality",
+        "near_duplicate",
+        "semantic_duplicate",
+        "blurry",
+        "bad_exposure",
+        "poor_perceptual_quality",
+        "too_much_text",
+        "unsafe",
+        "low_alignment",
+        "low_aesthetic",
+        "human_rejected",
+        "no_caption",
+        "low_fps",
+        "too_short",
+        "static",
+        "jittery",
     }
     assert RejectReason.TRUNCATED == "truncated"
 
