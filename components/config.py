@@ -249,6 +249,10 @@ class TrainConfig(_Section):
         "a re-run with the same recipe and data resumes from the newest one."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep this many newest checkpoints, delete older ones.")
+    balanced: bool = Field(
+        True, description="Draw training samples in proportion to curation's concept-balancing sample_weight "
+        "(1/sqrt(cluster size), Movie Gen); False = every sample equally often."
+    )
 
 
 class QualityTuneConfig(TrainConfig):

@@ -54,6 +54,7 @@ class SplitData:
     images: torch.Tensor  # [N,3,H,W] uint8
     captions: list[str]
     categories: list[str]
+    weights: list[float]  # concept-balancing sample weights from curation (1.0 where absent)
 
 
 def load_split(dataset_dir: Path, split: str, ids: set[str] | None = None) -> SplitData:
@@ -79,8 +80,10 @@ def load_split(dataset_dir: Path, split: str, ids: set[str] | None = None) -> Sp
     if not order:
         raise ValueError(f"{dataset_dir}: split '{split}' has no samples" + (" among the selected ids" if ids else ""))
     images = torch.from_numpy(np.stack([found[i][0] for i in order])).permute(0, 3, 1, 2).contiguous()
-    categories = rows.set_index("id").loc[order, "category"].fillna("").astype(str).tolist()
-    return SplitData(order, images, [found[i][1] for i in order], categories)
+    indexed = rows.set_index("id").loc[order]
+    categories = indexed["category"].fillna("").astype(str).tolist()
+    weights = indexed["sample_weight"].fillna(1.0).astype(float).tolist() if "sample_weight" in indexed else [1.0] * len(order)
+    return SplitData(order, images, [found[i][1] for i in order], categories, weights)
 
 
 def configure_torch(threads: int) -> None:
@@ -285,7 +288,8 @@ def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, o
 
     batch_size = min(config.batch_size, len(train_set))
     # Batches are a function of (seed, step), starting at the resumed step: see StepBatchSampler.
-    sampler = StepBatchSampler(len(train_set), batch_size, config.seed, start_step=resume.step)
+    sampler = StepBatchSampler(len(train_set), batch_size, config.seed, start_step=resume.step,
+                               weights=train_split.weights if config.balanced else None)
     # Both loaders get their own generator: a DataLoader without one draws its base seed from the
     # global RNG each time it is iterated, so the validation runs inside fit would shift caption
     # dropout and noise, and a resumed run (which skips the validation at its checkpoint step)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -302,9 +302,14 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     whatever Lightning does with epochs: the sampler has no length, so Lightning runs one
     endless epoch bounded by max_steps instead of restarting an epoch from its first batch
     (which is what it does on a mid-epoch resume with a plain DataLoader).
+
+    With `weights` (e.g. curation's concept-balancing weights, proportional to 1/sqrt(cluster
+    size)), an epoch is `num_samples` draws with replacement in proportion to the weights
+    instead of a permutation; still a function of (seed, epoch) only.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0,
+                 weights: Sequence[float] | None = None) -> None:
         if batch_size < 1 or num_samples < batch_size:
             raise ValueError(f"need 1 <= batch_size <= num_samples, got batch_size={batch_size}, "
                              f"num_samples={num_samples}")
@@ -312,12 +317,20 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
         self.batches_per_epoch = num_samples // batch_size
+        self.weights = None
+        if weights is not None:
+            tensor = torch.as_tensor(list(weights), dtype=torch.float64)
+            if tensor.shape != (num_samples,) or not torch.isfinite(tensor).all() or (tensor < 0).any() or tensor.sum() <= 0:
+                raise ValueError(f"weights must be {num_samples} finite non-negative numbers with a positive sum")
+            self.weights = tensor
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices for `epoch` (independent of the global RNG)."""
         # Hash (seed, epoch) rather than add them, so different seeds never share epoch orders.
         digest = hashlib.sha256(f"reelforge-batches:{self.seed}:{epoch}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         return torch.randperm(self.num_samples, generator=generator)
 
     def batch(self, step: int) -> list[int]:

@@ -35,6 +35,19 @@ def test_step_batch_sampler_is_a_function_of_seed_and_step():
         StepBatchSampler(2, 3, seed=0)
 
 
+def test_weighted_sampler_balances_concepts_and_still_resumes_exactly():
+    # 90 samples of one concept, 10 of another; 1/sqrt(size) weights (as curation writes them).
+    weights = [1 / 90**0.5] * 90 + [1 / 10**0.5] * 10
+    sampler = StepBatchSampler(100, 10, seed=3, weights=weights)
+    drawn = torch.tensor(sum((sampler.batch(t) for t in range(400)), []))
+    rare_share = float((drawn >= 90).float().mean())
+    assert 0.22 < rare_share < 0.28  # sqrt(10) / (sqrt(90) + sqrt(10)) = 0.25, vs 0.10 uniform
+    resumed = iter(StepBatchSampler(100, 10, seed=3, start_step=37, weights=weights))
+    assert [next(resumed) for _ in range(5)] == [sampler.batch(t) for t in range(37, 42)]
+    with pytest.raises(ValueError):
+        StepBatchSampler(3, 1, seed=0, weights=[1.0, -1.0, 1.0])
+
+
 def test_rng_state_round_trip():
     import random
 
