@@ -15,6 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def running_server(command: list[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
+                   timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """Start a server process, wait until `ready_url` answers 200, yield it, and stop it afterwards.
+
+    Fails the test with the end of the server's log when it exits or does not answer in time.
+    """
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:  # loopback only
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{Path(command[0]).name} did not start ({ready_url}):\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
 def s3_env(endpoint: str, base: dict[str, str] | None = None, tmp: Path | None = None) -> dict[str, str]:
     """An environment for a subprocess (or monkeypatch) that talks to `endpoint` with dummy credentials.
 
@@ -66,32 +98,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not executable.exists():
         pytest.fail(f"moto_server is missing next to {sys.executable}: moto[server] is a test dependency (make install)")
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                # moto's own endpoint: answers once the server is up, without credentials.
-                with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto_server did not start on {url}:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+    url = f"http://127.0.0.1:{free_port()}"
+    port = url.rsplit(":", 1)[1]
+    # moto's own endpoint answers once the server is up, without credentials.
+    with running_server([str(executable), "-H", "127.0.0.1", "-p", port], f"{url}/moto-api/data.json", log_path,
+                        timeout=30):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,7 @@ path a KFP task on the cluster takes.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,15 +17,10 @@ from components import tracking
 from components.config import load_recipe
 from components.register.stage import run as register
 from components.runner import RunContext, execute
+from tests.integration.conftest import BIN, free_port, running_server
 
 pytestmark = pytest.mark.integration
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +36,16 @@ def mlflow_server(tmp_path_factory):
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE {database}")
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server",
-         "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
-         "--artifacts-destination", (root / "artifacts").as_uri(),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "mlflow"), "server",
+               "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+               "--artifacts-destination", (root / "artifacts").as_uri(),
+               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # loopback only
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        with running_server(command, f"{url}/health", root / "server.log", env, timeout=120):
+            yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()

@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,7 @@ from components.ingest import stage as ingest
 from components.ingest.sources import S3Source, SourceError, parse_source
 from components.storage import ShardWriter, write_manifest
 from tests.conftest import make_image_folder, tuxpaint_subset
-from tests.integration.conftest import BIN, S3Bucket, free_port, s3_env
+from tests.integration.conftest import BIN, S3Bucket, free_port, running_server, s3_env
 
 pytestmark = pytest.mark.integration
 
@@ -194,30 +193,13 @@ def test_dvc_push_to_s3_and_pull_into_a_fresh_clone(s3_bucket: S3Bucket, tmp_pat
 def test_mlflow_server_stores_proxied_artifacts_in_s3(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"
     env = s3_env(s3_bucket.endpoint, tmp=tmp_path)
     env.update(MLFLOW_S3_ENDPOINT_URL=s3_bucket.endpoint, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    log = tmp_path / "mlflow-server.log"
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
-             "--artifacts-destination", f"s3://{s3_bucket.name}/mlflow",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=sink, stderr=subprocess.STDOUT, env=env,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:  # loopback only
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+               "--artifacts-destination", f"s3://{s3_bucket.name}/mlflow",
+               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    with running_server(command, f"{url}/health", tmp_path / "mlflow-server.log", env):
         # The client needs no S3 access at all: artifacts go through the server's proxy.
         client = MlflowClient(tracking_uri=url)
         run = client.create_run(client.create_experiment("s3-artifacts"))
@@ -231,6 +213,3 @@ def test_mlflow_server_stores_proxied_artifacts_in_s3(s3_bucket: S3Bucket, tmp_p
         assert s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=key)["Body"].read() == report.read_bytes()
         downloaded = Path(client.download_artifacts(run.info.run_id, "curation/report.json", str(tmp_path / "dl")))
         assert downloaded.read_bytes() == report.read_bytes()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

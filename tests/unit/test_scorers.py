@@ -197,10 +197,6 @@ def test_score_batch_runs_the_stack_on_stamps_and_handles_empty_batches() -> Non
 
 
 def test_aesthetic_adapter_scores_from_context_features(photo: np.ndarray) -> None:
-    try:
-        import components.curate.aesthetic  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"components.curate.aesthetic is not there yet: {exc}")
     scorers = S.build_scorers(CurateConfig(scorers=["features", "aesthetic"]))
     out = S.score_batch(scorers, _batch([photo, np.full((64, 64, 3), 128, np.uint8)]))
     assert out["aesthetic"].shape == (2,)
