@@ -175,6 +175,16 @@ def _exact_dedup(rows: pd.DataFrame) -> None:
         _remove(rows, rows.index.isin(dropped), RejectReason.EXACT_DUPLICATE, details)
 
 
+def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: RejectReason, describe: Any) -> None:
+    """Reject the dropped items of a dedup result over `order`; `describe(score, kept_id)` words the detail."""
+    dup = np.flatnonzero(~groups.kept)
+    if not len(dup):
+        return
+    ids = rows.loc[order, "id"].to_numpy()
+    details = [describe(groups.score[i], ids[groups.representative[i]]) for i in dup]
+    _remove(rows, rows.index.isin(order[dup]), reason, details)
+
+
 def _near_dedup(rows: pd.DataFrame, config: CurateConfig) -> None:
     from components.curate.dedup import near_duplicate_groups
 
@@ -184,13 +194,10 @@ def _near_dedup(rows: pd.DataFrame, config: CurateConfig) -> None:
     if len(order) < 2:
         return
     hashes = rows.loc[order, "phash"].astype(np.int64).to_numpy().view(np.uint64)
-    groups = near_duplicate_groups(hashes, config.dedup.max_hamming)
-    dup = np.flatnonzero(~groups.kept)
-    ids = rows.loc[order, "id"].to_numpy()
-    details = [f"{config.dedup.hash} {int(groups.score[i])} bits from kept sample {ids[groups.representative[i]]} "
-               f"(curate.dedup.max_hamming {config.dedup.max_hamming})" for i in dup]
-    if len(dup):
-        _remove(rows, rows.index.isin(order[dup]), RejectReason.NEAR_DUPLICATE, details)
+    dedup = config.dedup
+    _drop_duplicates(rows, order, near_duplicate_groups(hashes, dedup.max_hamming), RejectReason.NEAR_DUPLICATE,
+                     lambda score, kept: f"{dedup.hash} {int(score)} bits from kept sample {kept} "
+                                         f"(curate.dedup.max_hamming {dedup.max_hamming})")
 
 
 def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig) -> None:
@@ -201,13 +208,11 @@ def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateCo
     order = _quality_order(rows, rows.index[(rows["status"] == "ok") & (rows["embedding_row"] >= 0)])
     if len(order) < 2:
         return
-    groups = semantic_duplicates(embeddings[rows.loc[order, "embedding_row"].to_numpy()], config.dedup.semantic_threshold)
-    dup = np.flatnonzero(~groups.kept)
-    ids = rows.loc[order, "id"].to_numpy()
-    details = [f"cosine {float(groups.score[i]):.3f} to kept sample {ids[groups.representative[i]]} "
-               f"(curate.dedup.semantic_threshold {config.dedup.semantic_threshold})" for i in dup]
-    if len(dup):
-        _remove(rows, rows.index.isin(order[dup]), RejectReason.SEMANTIC_DUPLICATE, details)
+    threshold = config.dedup.semantic_threshold
+    groups = semantic_duplicates(embeddings[rows.loc[order, "embedding_row"].to_numpy()], threshold)
+    _drop_duplicates(rows, order, groups, RejectReason.SEMANTIC_DUPLICATE,
+                     lambda score, kept: f"cosine {float(score):.3f} to kept sample {kept} "
+                                         f"(curate.dedup.semantic_threshold {threshold})")
 
 
 def _captions(rows: pd.DataFrame) -> None:
