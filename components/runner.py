@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from components import tracking
 from components.config import Recipe
 from components.curate.shard import SHARD_CODE
+from components.media import sha256_file
 from components.storage import code_fingerprint, directory_hash, sha256_json
 
 CACHE_ENV = "REELFORGE_CACHE_DIR"
@@ -111,6 +112,9 @@ def _cache_key(name: str, recipe: Recipe, inputs: Mapping[str, Path], options: M
         "options": {k: str(v) for k, v in sorted(options.items())},
         "code": code_fingerprint(spec.code),
     }
+    review_dir = recipe.curate.aesthetic.review_dir
+    if name.startswith("curate") and review_dir:  # labels re-imported into the same directory change the output
+        payload["review"] = {p.name: sha256_file(p) for p in sorted(Path(review_dir).glob("*")) if p.is_file()}
     if name == "ingest":
         from components.ingest.sources import parse_source
 

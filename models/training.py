@@ -296,8 +296,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Endless batches of indices where the batch for optimiser step t depends only on (seed, t).
 
-    Step t belongs to epoch t // batches_per_epoch, whose order is a permutation drawn from
-    (seed, epoch); incomplete final batches are dropped. Iteration starts at `start_step`, so a
+    Step t belongs to epoch t // batches_per_epoch, whose order is drawn from (seed, epoch) (a
+    permutation, or weighted draws: see below); incomplete final batches are dropped. Iteration starts at `start_step`, so a
     run resumed at step k sees exactly the batches an uninterrupted run saw from step k on,
     whatever Lightning does with epochs: the sampler has no length, so Lightning runs one
     endless epoch bounded by max_steps instead of restarting an epoch from its first batch
@@ -325,7 +325,7 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.weights = tensor
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The permutation of sample indices for `epoch` (independent of the global RNG)."""
+        """The sample indices of `epoch`: a permutation, or weighted draws (independent of the global RNG)."""
         # Hash (seed, epoch) rather than add them, so different seeds never share epoch orders.
         digest = hashlib.sha256(f"reelforge-batches:{self.seed}:{epoch}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

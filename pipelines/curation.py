@@ -2,11 +2,15 @@
 
 The cluster shape of curation: each raw shard is scored by its own task (decode, clips,
 buckets, captions, hashes, OCR/safety/BRISQUE/feature/aesthetic scores), as many at once as
-`parallelism` allows, and KFP's cache skips shards already scored with the same recipe and
-code when a run is retried. One merge task then does what needs every sample at once: exact,
+`parallelism` allows. One merge task then does what needs every sample at once: exact,
 perceptual and semantic dedup across shards, the thresholds, review labels, split, concept
 balancing, and the final shards + report. Its output is the same dataset that the training
 pipeline's single `curate` task makes.
+
+Resume: with REELFORGE_CACHE_DIR on a persistent volume in the task environment, a retried or
+re-run shard task finds its shard already scored (content-keyed, as in local runs). KFP's own
+cache is requested on the shard and merge tasks, but their inputs include the run's job id and
+a fresh ingest output, so across runs it does not hit.
 """
 
 

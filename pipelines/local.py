@@ -120,7 +120,7 @@ def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: i
 
     workdir = Path(workdir).resolve()
     uri, commit = _init_local(workdir, cache=False)  # KFP's own cache is the shard cache on a cluster
-    started = time.monotonic()
+    started, started_ms = time.monotonic(), int(time.time() * 1000)
     before = set((workdir / "pipeline_root").glob(f"{PIPELINE_NAME}-*"))
     build_pipeline(recipe, parallelism=parallelism, fan_in=False)(recipe=recipe.to_json(), source=source,
                                                                  git_commit=commit)
@@ -130,7 +130,7 @@ def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: i
     run_dir = runs[0]
     iterations = sorted(run_dir.glob("for-loop-*-iteration-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     scored = [str(p / "curate-shard" / "scored") for p in iterations]
-    job_id = _job_id_of(recipe.tracking.experiment, "curate_shard")
+    job_id = _job_id_of(recipe.tracking.experiment, "curate_shard", since_ms=started_ms)
     from components.runner import RunContext, execute
 
     dataset = run_dir / "merge" / "dataset"
@@ -143,12 +143,13 @@ def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: i
     return LocalRunResult(workdir, uri, summary, seconds, {})
 
 
-def _job_id_of(experiment: str, stage: str) -> str:
-    """The KFP job id recorded on the newest MLflow run of `stage` (so the merge joins the same parent run)."""
+def _job_id_of(experiment: str, stage: str, since_ms: int) -> str:
+    """The KFP job id on the newest MLflow run of `stage` started since `since_ms` (the merge joins its parent run)."""
     client = tracking.client()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return ""
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{tracking.STAGE_TAG}` = '{stage}'",
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.start_time >= {since_ms}",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].data.tags.get(tracking.PIPELINE_JOB_TAG, "") if runs else ""

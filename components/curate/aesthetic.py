@@ -43,7 +43,7 @@ class AestheticScorer(ABC):
 
     @abstractmethod
     def score(self, images: list[np.ndarray], features: np.ndarray) -> np.ndarray:
-        """Score `images` (RGB uint8 HxWx3, any sizes) given their [N, 1280] L2-normalised embeddings."""
+        """Score `images` (RGB uint8 HxWx3, any sizes) given their [N, 1280] EfficientNet-Lite0 embeddings (as curation stores them)."""
 
 
 def _check_batch(images: list[np.ndarray], features: np.ndarray | None) -> None:

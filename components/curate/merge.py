@@ -7,13 +7,13 @@ train/val split, concept clusters with balancing weights, and writing the final 
 Funnel, in order (a sample is removed by the first step it fails; `step`, `reason` and
 `detail` in rejects.parquet say which and with what score, and every score column is kept):
 
-  decoded -> video rules -> resolution -> aspect_ratio -> exact_dedup -> quality -> sharpness
-  -> exposure -> brisque -> text -> safety -> near_dedup -> semantic_dedup -> caption
-  -> alignment -> aesthetic -> human_review
+  decoded -> video rules -> resolution -> aspect_ratio -> quality -> sharpness -> exposure
+  -> brisque -> text -> safety -> caption -> alignment -> aesthetic -> human_review
+  -> exact_dedup -> near_dedup -> semantic_dedup
 
-Dedup runs after the content filters so that a kept representative is never removed later
-(its duplicates would be lost with it), and within a duplicate group the sample with the
-best technical quality is kept (ties: input order).
+Dedup runs last, on samples that passed every per-sample check, so a kept representative is
+never removed later (its duplicates would be lost with it); within a duplicate group the
+sample with the best technical quality is kept (ties: input order).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,19 +46,19 @@ STEPS: dict[str, tuple[RejectReason, ...]] = {
     "video": (RejectReason.LOW_FPS, RejectReason.TOO_SHORT, RejectReason.STATIC, RejectReason.JITTERY),
     "resolution": (RejectReason.TOO_SMALL,),
     "aspect_ratio": (RejectReason.BAD_ASPECT_RATIO,),
-    "exact_dedup": (RejectReason.EXACT_DUPLICATE,),
     "quality": (RejectReason.LOW_QUALITY,),
     "sharpness": (RejectReason.BLURRY,),
     "exposure": (RejectReason.BAD_EXPOSURE,),
     "brisque": (RejectReason.POOR_PERCEPTUAL_QUALITY,),
     "text": (RejectReason.TOO_MUCH_TEXT,),
     "safety": (RejectReason.UNSAFE,),
-    "near_dedup": (RejectReason.NEAR_DUPLICATE,),
-    "semantic_dedup": (RejectReason.SEMANTIC_DUPLICATE,),
     "caption": (RejectReason.NO_CAPTION,),
     "alignment": (RejectReason.LOW_ALIGNMENT,),
     "aesthetic": (RejectReason.LOW_AESTHETIC,),
     "human_review": (RejectReason.HUMAN_REJECTED,),
+    "exact_dedup": (RejectReason.EXACT_DUPLICATE,),
+    "near_dedup": (RejectReason.NEAR_DUPLICATE,),
+    "semantic_dedup": (RejectReason.SEMANTIC_DUPLICATE,),
 }
 STEP_OF_REASON = {str(reason): step for step, reasons in STEPS.items() for reason in reasons}
 
@@ -158,23 +159,6 @@ def _quality_order(rows: pd.DataFrame, index: pd.Index) -> pd.Index:
     return frame.sort_values(["quality", "order"], ascending=[False, True], na_position="last").index
 
 
-def _exact_dedup(rows: pd.DataFrame) -> None:
-    live = rows.index[rows["status"] == "ok"]
-    keys = rows.loc[live, "sha256"].astype(str)
-    if "clip_start_s" in rows:  # clips of one video share its sha256; each clip is its own sample
-        keys = keys + "@" + rows.loc[live, "clip_start_s"].fillna(-1).astype(str)
-    first: dict[str, str] = {}
-    dropped, details = [], []
-    for index, key in zip(live, keys):
-        if key in first:
-            dropped.append(index)
-            details.append(f"same bytes (sha256) as sample {first[key]}")
-        else:
-            first[key] = rows.at[index, "id"]
-    if dropped:
-        _remove(rows, rows.index.isin(dropped), RejectReason.EXACT_DUPLICATE, details)
-
-
 def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: RejectReason, describe: Any) -> None:
     """Reject the dropped items of a dedup result over `order`; `describe(score, kept_id)` words the detail."""
     dup = np.flatnonzero(~groups.kept)
@@ -183,6 +167,19 @@ def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: R
     ids = rows.loc[order, "id"].to_numpy()
     details = [describe(groups.score[i], ids[groups.representative[i]]) for i in dup]
     _remove(rows, rows.index.isin(order[dup]), reason, details)
+
+
+def _exact_dedup(rows: pd.DataFrame) -> None:
+    from components.curate.dedup import exact_duplicates
+
+    order = _quality_order(rows, rows.index[rows["status"] == "ok"])
+    if len(order) < 2:
+        return
+    keys = rows.loc[order, "sha256"].astype(str)
+    if "clip_start_s" in rows:  # clips of one video share its sha256; each clip is its own sample
+        keys = keys + "@" + rows.loc[order, "clip_start_s"].fillna(-1).astype(str)
+    _drop_duplicates(rows, order, exact_duplicates(keys.to_numpy()), RejectReason.EXACT_DUPLICATE,
+                     lambda score, kept: f"same bytes (sha256) as kept sample {kept}")
 
 
 def _near_dedup(rows: pd.DataFrame, config: CurateConfig) -> None:
@@ -217,7 +214,7 @@ def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateCo
 
 def _captions(rows: pd.DataFrame) -> None:
     missing = (rows["status"] == "ok") & (rows["caption"].isna() | (rows["caption"].astype(str).str.len() == 0))
-    _remove(rows, missing, RejectReason.NO_CAPTION, ["no caption after cleanup and curate.captions.tagger is off"] * int(missing.sum()))
+    _remove(rows, missing, RejectReason.NO_CAPTION, ["no usable caption after cleanup, and the tagger gave none (curate.captions.tagger)"] * int(missing.sum()))
 
 
 def _human_review(rows: pd.DataFrame, labels: dict[str, str]) -> None:
@@ -233,15 +230,15 @@ def decide(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig, lab
         rows[column] = rows[column].astype(object) if column in rows else None
     if "embedding_row" not in rows:
         rows["embedding_row"] = -1
-    _exact_dedup(rows)
     for rule in THRESHOLDS:
         _apply_threshold(rows, rule, config)
-    _near_dedup(rows, config)
-    _semantic_dedup(rows, embeddings, config)
     _captions(rows)
     for rule in _LATE_THRESHOLDS:
         _apply_threshold(rows, rule, config)
     _human_review(rows, labels)
+    _exact_dedup(rows)
+    _near_dedup(rows, config)
+    _semantic_dedup(rows, embeddings, config)
     rows["step"] = rows["reason"].map(lambda r: STEP_OF_REASON.get(r) if isinstance(r, str) else None)
     return rows
 
@@ -275,6 +272,10 @@ def merge(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, input
     """Decide every sample's fate across all scored shards and write the curated dataset to `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*output_dir.glob("*.tar"), *(output_dir / name for name in (MANIFEST_EMBEDDINGS, REJECTS,
+                                                                          "manifest.parquet", "report.json",
+                                                                          "report.html"))]:
+        stale.unlink(missing_ok=True)  # a previous run's outputs must not mix into this one (or its hash)
     rows, embeddings = _load(scored_dirs)
     if rows.empty:
         raise ValueError("curation got no samples: the raw dataset is empty")
@@ -288,17 +289,16 @@ def merge(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, input
     wanted = dict(zip(accepted["id"], zip(accepted["split"], accepted["media"], accepted["bucket"])))
     writers: dict[str, ShardWriter] = {}
     shard_of: dict[str, str] = {}
-    for directory in scored_dirs:
-        for path in shard_paths(directory, SAMPLES):
-            for sample in iter_shard(path):
-                if sample.key not in wanted:
-                    continue
-                prefix = shard_prefix(*wanted[sample.key])
-                if prefix not in writers:
-                    writers[prefix] = ShardWriter(output_dir, prefix, config.shard_size)
-                shard_of[sample.key] = writers[prefix].write(sample.key, sample.members)
-    for writer in writers.values():
-        writer.close()
+    with ExitStack() as closing:
+        for directory in scored_dirs:
+            for path in shard_paths(directory, SAMPLES):
+                for sample in iter_shard(path):
+                    if sample.key not in wanted:
+                        continue
+                    prefix = shard_prefix(*wanted[sample.key])
+                    if prefix not in writers:
+                        writers[prefix] = closing.enter_context(ShardWriter(output_dir, prefix, config.shard_size))
+                    shard_of[sample.key] = writers[prefix].write(sample.key, sample.members)
     accepted["shard"] = accepted["id"].map(shard_of)
     if accepted["shard"].isna().any():
         missing = accepted.loc[accepted["shard"].isna(), "id"].tolist()[:5]

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -155,23 +156,31 @@ def _prepare_video(meta: dict[str, Any], data: bytes, config: CurateConfig, base
 
     video = config.video
     row = {**base, "media": "video", "format": "video", "repairs": ""}
+    limits = dict(source=meta["source_path"], max_bytes=config.max_bytes, max_pixels=config.max_pixels)
     try:
-        info = probe_video(data, source=meta["source_path"])
+        info = probe_video(data, **limits)
         row.update(width=info.width, height=info.height, fps=info.fps, duration_s=info.duration_s, format=info.codec)
         if info.fps < video.min_fps:
             return [_Prepared({**row, "status": "rejected", "reason": str(RejectReason.LOW_FPS),
                                "detail": f"{info.fps:.1f} fps < curate.video.min_fps {video.min_fps}"})]
+        short, long = sorted((info.width, info.height))
+        row["aspect_ratio"] = long / max(short, 1)
+        geometry = check_geometry(info.width, info.height, min_side=config.min_side,
+                                  max_aspect_ratio=config.max_aspect_ratio)
+        if geometry is not None:
+            limit = (f"shorter side {short}px < curate.min_side {config.min_side}px" if geometry is RejectReason.TOO_SMALL
+                     else f"aspect ratio {long / short:.2f} > curate.max_aspect_ratio {config.max_aspect_ratio}")
+            return [_Prepared({**row, "status": "rejected", "reason": str(geometry), "detail": limit})]
         sizes = config.bucket_sizes()
-        bucket = bucket_for(info.width, info.height, sizes)
-        out_size = sizes[bucket]
-        frames, fps = decode_frames(data, fps=video.fps, max_side=max(config.analysis_side, *out_size),
-                                    max_seconds=video.max_seconds, source=meta["source_path"])
+        # Decode so that the *shorter* side still covers the analysis copy and the largest bucket side.
+        need = max(config.analysis_side, *(max(size) for size in sizes.values()))
+        frames, fps = decode_frames(data, fps=video.fps, max_side=int(np.ceil(need * long / max(short, 1))),
+                                    max_seconds=video.max_seconds, **limits)
     except VideoError as error:
         return [_Prepared({**row, "status": "quarantined", "reason": str(error.reason), "detail": str(error)})]
-    short = min(info.width, info.height)
-    if short < config.min_side:
-        return [_Prepared({**row, "status": "rejected", "reason": str(RejectReason.TOO_SMALL),
-                           "detail": f"shorter side {short}px < curate.min_side {config.min_side}px"})]
+    # The bucket comes from the decoded frames: they carry the display rotation, the header does not.
+    bucket = bucket_for(frames.shape[2], frames.shape[1], sizes)
+    out_size = sizes[bucket]
     prepared = []
     for clip in split_video(frames, fps, video):
         clip_row = {**row, "id": f"{base['id']}c{clip.index:03d}", "parent_id": base["id"],
@@ -209,10 +218,11 @@ def _prepare(meta: dict[str, Any], data: bytes, raw_row: dict[str, Any], config:
 
 
 def _perceptual_hashes(images: list[np.ndarray], kind: str) -> np.ndarray:
-    from components.curate.dedup import dhash_batch, gray32, phash_batch
+    from components.curate.dedup import dhash_batch, gray32, gray_thumbnail, phash_batch
 
-    grays = np.stack([gray32(Image.fromarray(image)) for image in images])
-    return (phash_batch if kind == "phash" else dhash_batch)(grays)
+    if kind == "dhash":
+        return dhash_batch(np.stack([gray_thumbnail(Image.fromarray(image), (9, 8)) for image in images]))
+    return phash_batch(np.stack([gray32(Image.fromarray(image)) for image in images]))
 
 
 def _score_chunk(task: tuple[list[tuple[dict, bytes, dict]], CurateConfig]) -> tuple[list[dict], np.ndarray, list[dict | None]]:
@@ -258,8 +268,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def _worker_init() -> None:
-    # One BLAS/torch/ONNX thread per worker: the pool is the parallelism; more threads only thrash.
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    # One torch/ONNX/OpenCV thread per worker (BLAS: see _scoring_map): the pool is the parallelism.
     import cv2
     import torch
 
@@ -283,6 +292,10 @@ def _read_items(job: ShardJob) -> list[tuple[dict, bytes, dict]]:
         if meta["id"] not in job.raw_rows:
             raise ValueError(f"{job.raw_shard}: sample {meta['id']} is not in the raw manifest")
         items.append((meta, sample.members.get("bin", b""), job.raw_rows[meta["id"]]))
+    missing = set(job.raw_rows) - {meta["id"] for meta, _, _ in items}
+    if missing:
+        raise ValueError(f"{job.raw_shard}: the raw manifest lists {len(missing)} sample(s) that the shard lacks, "
+                         f"e.g. {sorted(missing)[:3]}; re-run ingest")
     return items
 
 
@@ -310,7 +323,10 @@ def _finish(job: ShardJob, n_items: int, results: list[tuple[list[dict], np.ndar
             if len(chunk_embeddings):
                 embeddings.append(chunk_embeddings)
                 n_embedded += len(chunk_embeddings)
-    pd.DataFrame(rows).to_parquet(temp / SCORES, index=False)
+    frame = pd.DataFrame(rows)
+    if "phash" in frame:  # rows without a hash would make the column float64, which keeps only 53 of 64 bits
+        frame["phash"] = frame["phash"].astype("Int64")
+    frame.to_parquet(temp / SCORES, index=False)
     np.save(temp / EMBEDDINGS, np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32))
     (temp / DONE).write_text(json.dumps({"raw_shard": job.raw_shard.name, "items": n_items, "samples": len(rows)}))
     shutil.rmtree(job.out_dir, ignore_errors=True)
@@ -320,53 +336,74 @@ def _finish(job: ShardJob, n_items: int, results: list[tuple[list[dict], np.ndar
 def score_shards(config: CurateConfig, jobs: list[ShardJob], workers: int = 1, on_progress: Any = None) -> int:
     """Score the raw shards of `jobs` that are not finished yet; returns how many were skipped as done.
 
-    One worker pool serves all shards (models load once per worker, not once per shard). Chunks
-    of `curate.batch_size` raw items are the unit of work; a shard is written as soon as its
-    last chunk is back, so a crash loses at most the shards in flight. `on_progress(n)` is
-    called with the number of raw items finished.
+    One worker pool serves all shards (models load once per worker, not once per shard). Shards
+    are read one at a time, so memory holds one raw shard's bytes, not the dataset's; within a
+    shard, chunks of `curate.batch_size` items are the unit of work. Each shard is written as
+    soon as it is done, so a crash loses at most the shard in flight. `on_progress(n)` is called
+    with the number of raw items finished.
     """
     pending = [job for job in jobs if not (job.out_dir / DONE).is_file()]
     skipped = len(jobs) - len(pending)
     if on_progress is not None and skipped:
         on_progress(sum(len(job.raw_rows) for job in jobs if job not in pending))
-    tasks: list[tuple[list, CurateConfig]] = []
-    owners: list[int] = []
-    sizes = []
-    for index, job in enumerate(pending):
-        items = _read_items(job)
-        sizes.append(len(items))
-        for chunk in _chunks(items, max(1, config.batch_size)):
-            tasks.append((chunk, config))
-            owners.append(index)
-    remaining = [owners.count(i) for i in range(len(pending))]
-    collected: list[list] = [[] for _ in pending]
-    for owner, (task, result) in zip(owners, zip(tasks, _map(tasks, workers))):
-        collected[owner].append(result)
-        remaining[owner] -= 1
-        if on_progress is not None:
-            on_progress(len(task[0]))
-        if remaining[owner] == 0:
-            _finish(pending[owner], sizes[owner], collected[owner])
-            collected[owner] = []
-    for index, job in enumerate(pending):  # a shard with no items still gets its (empty) directory
-        if sizes[index] == 0:
-            _finish(job, 0, [])
+    with _scoring_map(workers) as map_chunks:
+        for job in pending:
+            items = _read_items(job)
+            results = []
+            for chunk, result in zip(_chunks(items, max(1, config.batch_size)),
+                                     map_chunks([(c, config) for c in _chunks(items, max(1, config.batch_size))])):
+                results.append(result)
+                if on_progress is not None:
+                    on_progress(len(chunk))
+            _finish(job, len(items), results)
     return skipped
 
 
-def _map(tasks: list, workers: int):
-    if workers <= 1 or len(tasks) <= 1:
-        # Score with one thread here too, as every pool worker does: scores (float sums in the
-        # models) then do not depend on how many workers ran, and neither does the dataset hash.
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@contextmanager
+def _scoring_map(workers: int) -> Iterator[Any]:
+    """A `map` over scoring tasks: a spawn pool of `workers` processes, or this process when 1.
+
+    Either way every scorer runs single-threaded (torch, ONNX, OpenCV, BLAS), so scores (float
+    sums inside the models) and the dataset hash do not depend on how many workers ran.
+    """
+    if workers <= 1:
+        import cv2
         import torch
 
-        threads = torch.get_num_threads()
+        threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)
         try:
-            yield from map(_score_chunk, tasks)
+            with _blas_threads(1):
+                yield lambda tasks: map(_score_chunk, tasks)
         finally:
             torch.set_num_threads(threads)
+            cv2.setNumThreads(cv_threads)
         return
-    # spawn, not fork: the parent may hold torch/MLflow threads, which fork copies badly.
-    with get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-        yield from pool.imap(_score_chunk, tasks)
+    # BLAS reads its thread count when numpy is imported, so it must be in the environment the
+    # spawned workers start with, not set inside them. spawn, not fork: the parent may hold
+    # torch/MLflow threads, which fork copies badly.
+    saved = {key: os.environ.get(key) for key in _ONE_THREAD}
+    os.environ.update(_ONE_THREAD)
+    try:
+        pool = get_context("spawn").Pool(workers, initializer=_worker_init)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    with pool:
+        yield lambda tasks: pool.imap(_score_chunk, tasks)
+
+
+@contextmanager
+def _blas_threads(count: int) -> Iterator[None]:
+    """Hold numpy's BLAS to `count` threads (threadpoolctl ships with scikit-learn, a dependency here)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=count, user_api="blas"):
+        yield

@@ -18,6 +18,7 @@ that a filter removed. Both carry a reason code from `components.media.RejectRea
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import pandas as pd
 from components.config import CurateConfig
 from components.curate.merge import REJECTS, MergeResult, merge, samples_for_report, summary_of
 from components.curate.report import write_report
-from components.curate.shard import ShardJob, score_shards, shard_key
+from components.curate.shard import DONE, ShardJob, score_shards, shard_key
 from components.progress import ProgressCounter
 from components.storage import directory_hash, read_manifest, shard_paths
 
@@ -125,8 +126,6 @@ def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
     root = work_root(output_dir)
     jobs, skipped = score(config, raw_dir, root)
     inputs = sum(len(job.raw_rows) for job in jobs)
-    if inputs != len(read_manifest(raw_dir)):
-        raise ValueError(f"{raw_dir}: shards hold {inputs} samples but the manifest lists {len(read_manifest(raw_dir))}")
     result = finish(config, [job.out_dir for job in jobs], output_dir, inputs, skipped)
     if not os.environ.get(WORK_ENV):
         shutil.rmtree(root, ignore_errors=True)  # a private work dir has served its purpose
@@ -160,10 +159,14 @@ def shard_stage(recipe, inputs, outputs, tracker, context, shard: str = "", **_:
     from components.runner import StageOutput
 
     out = Path(outputs["scored"])
-    jobs, skipped = score(recipe.curate, inputs["raw_dataset"], out.parent / (out.name + ".work"), only=[shard])
+    # With REELFORGE_CACHE_DIR on a persistent volume, a retried or re-run task finds its shard scored.
+    private = not os.environ.get(WORK_ENV)
+    root = out.parent / (out.name + ".work") if private else work_root(out)
+    jobs, skipped = score(recipe.curate, inputs["raw_dataset"], root, only=[shard])
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(jobs[0].out_dir, out)
-    shutil.rmtree(jobs[0].out_dir.parent, ignore_errors=True)
+    if private:
+        shutil.rmtree(root, ignore_errors=True)
     return StageOutput(metadata={"shard": shard, "items": len(jobs[0].raw_rows)},
                        metrics={"curate_shard.items": len(jobs[0].raw_rows)})
 
@@ -171,8 +174,27 @@ def shard_stage(recipe, inputs, outputs, tracker, context, shard: str = "", **_:
 def merge_stage(recipe, inputs, outputs, tracker, context, scored: list[str] | None = None, **_: object):
     """Runner glue for the global merge after the ParallelFor: `scored` lists the scored shard directories."""
     raw_dir = Path(inputs["raw_dataset"])
-    inputs_count = len(read_manifest(raw_dir))
-    dirs = [Path(p) for p in (scored or [])]
-    if not dirs:
-        raise ValueError("curate merge got no scored shards")
-    return _stage_output(recipe, finish(recipe.curate, dirs, outputs["dataset"], inputs_count, 0), tracker)
+    return _stage_output(recipe, finish(recipe.curate, ordered_scored_dirs(raw_dir, scored or []),
+                                        outputs["dataset"], len(read_manifest(raw_dir)), 0), tracker)
+
+
+def ordered_scored_dirs(raw_dir: Path, scored: list[str]) -> list[Path]:
+    """The scored shard directories in raw-shard order, checked to cover every raw shard exactly once.
+
+    KFP collects a loop's outputs in no promised order; the merge's result (which exact copy is
+    kept, the output shard order, the content hash) must not depend on it.
+    """
+    by_shard: dict[str, Path] = {}
+    for path in map(Path, scored):
+        done = path / DONE
+        if not done.is_file():
+            raise ValueError(f"{path} is not a finished scored shard ({DONE} is missing)")
+        name = json.loads(done.read_text(encoding="utf-8"))["raw_shard"]
+        if name in by_shard:
+            raise ValueError(f"raw shard {name} was scored twice: {by_shard[name]} and {path}")
+        by_shard[name] = path
+    expected = [p.name for p in shard_paths(raw_dir, "raw")]
+    if sorted(by_shard) != sorted(expected):
+        missing, extra = sorted(set(expected) - set(by_shard)), sorted(set(by_shard) - set(expected))
+        raise ValueError(f"scored shards do not match {raw_dir}: missing {missing[:5]}, unexpected {extra[:5]}")
+    return [by_shard[name] for name in expected]
