@@ -8,12 +8,20 @@ would clash with Lightning's MLflow logger writing to the same run from the same
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
+import re
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
 
 PIPELINE_JOB_TAG = "reelforge.pipeline_job_id"
 STAGE_TAG = "reelforge.stage"
@@ -141,6 +149,24 @@ class StageTracker:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self._client = client()
+        self._writers: list[MetricWriter] = []  # background metric writers of training loggers
+
+    def flush(self) -> None:
+        """Wait for metrics queued by training loggers; raise MetricLoggingError if any were lost."""
+        failures = []
+        for writer in self._writers:
+            try:
+                writer.flush()
+            except MetricLoggingError as error:
+                failures.append(str(error))
+        if failures:
+            raise MetricLoggingError("; ".join(failures))
+
+    def close(self) -> None:
+        """Stop the background metric writers (after `flush`); called by `stage_run`."""
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in batches (MLflow caps values at 6000 chars and batches at 100)."""
@@ -152,8 +178,6 @@ class StageTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics in one batch call."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -178,6 +202,31 @@ class StageTracker:
     def log_image(self, image: Any, artifact_file: str) -> None:
         """Log a PIL image as a PNG artifact (sample grids)."""
         self._client.log_image(self.run_id, image, artifact_file)
+
+    def log_video(self, frames: np.ndarray, name: str, fps: float) -> None:
+        """Log a clip as `<name>.mp4` (H.264) and `<name>.gif` (plays inline in the MLflow UI).
+
+        `frames` is uint8 [T,H,W,3], or [N,T,H,W,3] clips that are tiled with `video_grid` first.
+        `name` is an artifact path without extension, e.g. `samples/pretrain_step_000200`.
+        """
+        from components.video import encode_mp4
+
+        frames = np.asarray(frames)
+        if frames.ndim == 5:
+            frames = video_grid(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 [T,H,W,3] or [N,T,H,W,3], got {frames.dtype} {frames.shape}")
+        name = name.removesuffix(".mp4").removesuffix(".gif").strip("/")
+        if not name or name.endswith("/"):
+            raise ValueError(f"name must be an artifact path with a file name, got {name!r}")
+        folder, _, stem = name.rpartition("/")
+        # Both encodings before any upload: a bad clip must not leave half a pair behind.
+        payloads = {f"{stem}.mp4": encode_mp4(frames, fps), f"{stem}.gif": gif_bytes(frames, fps)}
+        with tempfile.TemporaryDirectory(prefix="reelforge-video-") as scratch:
+            for file_name, payload in payloads.items():
+                path = Path(scratch) / file_name
+                path.write_bytes(payload)
+                self._client.log_artifact(self.run_id, str(path), folder or None)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Log JSON-serialisable data as an artifact file."""
@@ -212,9 +261,240 @@ def stage_run(
     try:
         tracker.log_params(params)
         yield tracker
+        tracker.flush()  # queued training metrics land before the run is closed, or the stage fails
     except BaseException:
+        try:
+            tracker.flush()  # keep what the failed stage logged; the original error is what propagates
+        except Exception as error:  # noqa: BLE001
+            logging.getLogger(__name__).error("while failing: %s", error)
+        tracker.close()
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
         if parent_run_id:
             mlflow_client.set_terminated(parent_run_id, status="FAILED")
         raise
+    tracker.close()
     mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# --- training metrics: written off the training thread -----------------------------------
+
+
+class MetricLoggingError(RuntimeError):
+    """Metrics that the background writer could not store in MLflow."""
+
+
+class MetricWriter:
+    """One thread that drains a bounded queue of metrics into batched `MlflowClient.log_batch` calls.
+
+    A training step only enqueues; the writer waits `linger_s` after the first queued item to
+    gather more, so a database round trip carries many steps' metrics. Errors are kept and
+    raised by `flush`, never only printed. Why not MLflow's own `synchronous=False`: its
+    errors reach a log line unless each returned future is waited on, it hands every batch
+    to a pool of 10 writer threads (which SQLite then serialises on its file lock), its
+    queue is unbounded, and it is per-process state shared by every client of the store.
+    """
+
+    MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch call
+    RETRY_DELAYS_S = (0.2, 1.0)  # a transient store error (a locked SQLite file) gets two retries
+
+    def __init__(self, run_id: str, max_pending: int = 10_000, linger_s: float = 0.5) -> None:
+        import queue
+        import threading
+
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be positive, got {max_pending!r}")
+        if linger_s < 0:
+            raise ValueError(f"linger_s must be >= 0, got {linger_s!r}")
+        self.run_id = run_id
+        self.linger_s = linger_s
+        self.client = client()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
+        self._errors: list[str] = []
+        self._lost = 0
+        self._thread = threading.Thread(target=self._loop, name=f"reelforge-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, metrics: list[Any]) -> None:
+        """Queue `mlflow.entities.Metric`s; blocks only while `max_pending` batches wait (back-pressure)."""
+        if not self._thread.is_alive():
+            raise MetricLoggingError(f"the metric writer of run {self.run_id} has stopped")
+        self._queue.put(list(metrics))
+
+    def wait(self, timeout_s: float = 300.0) -> None:
+        """Block until everything queued before this call has been written (or has failed)."""
+        import threading
+
+        if not self._thread.is_alive():
+            raise MetricLoggingError(f"the metric writer of run {self.run_id} has stopped")
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout_s):
+            raise MetricLoggingError(f"metrics of run {self.run_id} were not written within {timeout_s:.0f} s")
+
+    def failure(self) -> str | None:
+        """What failed since the last `flush`, in one line, or None."""
+        with self._lock:
+            if not self._errors:
+                return None
+            more = f" (and {len(self._errors) - 1} more errors)" if len(self._errors) > 1 else ""
+            return f"{self._lost} metric values could not be logged to MLflow run {self.run_id}: {self._errors[0]}{more}"
+
+    def flush(self, timeout_s: float = 300.0) -> None:
+        """Wait for the queued metrics, then raise MetricLoggingError if any could not be written."""
+        self.wait(timeout_s)
+        message = self.failure()
+        with self._lock:
+            self._errors, self._lost = [], 0
+        if message:
+            raise MetricLoggingError(message)
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread (later `put`s fail); errors stay for `flush`."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        import queue
+
+        pending: list[Any] = []
+        while True:
+            try:
+                # Sleep until something arrives; once holding metrics, linger to batch more.
+                item = self._queue.get(timeout=self.linger_s if pending else None)
+            except queue.Empty:
+                self._write(pending)
+                pending = []
+                continue
+            if isinstance(item, list):
+                pending.extend(item)
+                if len(pending) >= self.MAX_BATCH:
+                    self._write(pending)
+                    pending = []
+                continue
+            # A flush marker (an Event) or the close sentinel (None): write everything before it.
+            self._write(pending)
+            pending = []
+            if item is None:
+                return
+            item.set()
+
+    def _write(self, metrics: list[Any]) -> None:
+        import time
+
+        for start in range(0, len(metrics), self.MAX_BATCH):
+            chunk = metrics[start : start + self.MAX_BATCH]
+            for delay in (*self.RETRY_DELAYS_S, None):
+                try:
+                    self.client.log_batch(self.run_id, metrics=chunk)
+                    break
+                except Exception as error:  # noqa: BLE001 - kept for flush() to raise
+                    if delay is not None:
+                        time.sleep(delay)
+                        continue
+                    with self._lock:
+                        self._errors.append(f"{type(error).__name__}: {error}")
+                        self._lost += len(chunk)
+
+
+@functools.cache
+def _background_logger_class() -> type:
+    """Lightning's MLFlowLogger with metric writes moved to a MetricWriter (built on first use:
+    importing Lightning costs seconds that stages which do not train should not pay)."""
+    from lightning.fabric.utilities.logger import _add_prefix
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+    from mlflow.entities import Metric
+
+    class BackgroundMLFlowLogger(MLFlowLogger):
+        """MLFlowLogger whose `log_metrics` returns without waiting for the tracking store."""
+
+        def __init__(self, run_id: str, writer: MetricWriter) -> None:
+            super().__init__(tracking_uri=tracking_uri(), run_id=run_id)
+            self.writer = writer
+
+        @rank_zero_only
+        def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+            """Queue the metrics (names cleaned as MLFlowLogger cleans them) and return at once."""
+            now = int(time.time() * 1000)
+            items = [
+                Metric(key=re.sub("[^a-zA-Z0-9_/. -]+", "", key), value=float(value), timestamp=now, step=step or 0)
+                for key, value in _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR).items()
+                if not isinstance(value, str)
+            ]
+            if items:
+                self.writer.put(items)
+
+        @rank_zero_only
+        def finalize(self, status: str = "success") -> None:
+            """Wait for the queued metrics at the end of fit; the run itself stays open.
+
+            MLFlowLogger would terminate the run here, but it belongs to `stage_run`, which
+            closes it after the stage's own final logging. Write errors are not raised here
+            (that would mask the exception a failed fit is unwinding with): `tracker.flush()`
+            raises them at the end of the stage.
+            """
+            self.writer.wait()
+            message = self.writer.failure()
+            if message:
+                logging.getLogger(__name__).error("%s", message)
+
+    return BackgroundMLFlowLogger
+
+
+def training_logger(tracker: StageTracker, max_pending: int = 10_000, linger_s: float = 0.5) -> Any:
+    """A Lightning `MLFlowLogger` for the stage's run whose metric logging never waits for the store.
+
+    Metrics go through a `MetricWriter` (one background thread, batched writes, bounded queue of
+    `max_pending` calls). Params and artifacts logged through the logger stay synchronous.
+    `tracker.flush()` (which `stage_run` also calls before closing the run) waits for the
+    writes and raises `MetricLoggingError` if any failed.
+    """
+    writer = MetricWriter(tracker.run_id, max_pending=max_pending, linger_s=linger_s)
+    tracker._writers.append(writer)
+    return _background_logger_class()(tracker.run_id, writer)
+
+
+# --- sample videos -------------------------------------------------------------------------
+
+
+def video_grid(videos: np.ndarray, columns: int = 8, pad: int = 2, upscale: int = 2) -> np.ndarray:
+    """Tile clips [N,T,H,W,3] uint8 into one clip [T,H',W',3]: the layout of `models.generate.image_grid`
+    (row-major cells, white `pad`-pixel gutters, nearest `upscale`), applied to every frame."""
+    videos = np.asarray(videos)
+    if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"videos must be uint8 [N,T,H,W,3], got {videos.dtype} {videos.shape}")
+    if 0 in videos.shape[:2]:
+        raise ValueError(f"videos must hold at least one clip of one frame, got shape {videos.shape}")
+    if columns < 1 or pad < 0 or upscale < 1:
+        raise ValueError(f"need columns >= 1, pad >= 0, upscale >= 1; got {columns}, {pad}, {upscale}")
+    if upscale > 1:
+        videos = videos.repeat(upscale, axis=2).repeat(upscale, axis=3)
+    count, frames, height, width, _ = videos.shape
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    grid = np.full((frames, rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, dtype=np.uint8)
+    for index, clip in enumerate(videos):
+        row, col = divmod(index, columns)
+        top, left = pad + row * (height + pad), pad + col * (width + pad)
+        grid[:, top : top + height, left : left + width] = clip
+    return grid
+
+
+def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
+    """Frames [T,H,W,3] uint8 as an animated GIF that loops forever (palette per frame)."""
+    import io
+
+    from PIL import Image
+
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    images = [Image.fromarray(frame) for frame in np.asarray(frames)]
+    if not images:
+        raise ValueError("cannot write a GIF with zero frames")
+    buffer = io.BytesIO()
+    # GIF delays are whole hundredths of a second: 8 fps becomes 120 ms, not 125.
+    duration = max(20, round(1000 / fps / 10) * 10)
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return buffer.getvalue()
