@@ -95,10 +95,10 @@ class TextEmbeddingCache:
         self._refresh()
         return len(self._index)
 
-    def embed(self, captions: Sequence[str], encoder: CaptionEncoder) -> TextEmbeddings:
+    def get(self, captions: Sequence[str], encoder: CaptionEncoder) -> TextEmbeddings:
         """Embeddings of `captions` in their order; only captions never cached are encoded (once each)."""
         if isinstance(captions, str):
-            raise TypeError("embed expects a list of captions, not a single string")
+            raise TypeError("get expects a list of captions, not a single string")
         encoder_tokens = getattr(encoder, "max_tokens", self.max_tokens)
         if encoder_tokens != self.max_tokens:
             raise ValueError(f"encoder.max_tokens is {encoder_tokens} but the cache was opened for "

@@ -44,64 +44,64 @@ def test_results_follow_caption_order_and_duplicates_are_encoded_once(tmp_path: 
     encoder = CountingEncoder()
     cache = TextEmbeddingCache(tmp_path, "fake", max_tokens=4)
     captions = ["a dog", "a cat", "a dog", "", "a bird", "a cat"]
-    got = cache.embed(captions, encoder)
+    got = cache.get(captions, encoder)
     assert sorted(encoder.encoded) == sorted({"a dog", "a cat", "", "a bird"})
     _assert_same(got, CountingEncoder().encode(captions))
 
 
 def test_a_second_run_encodes_nothing_and_a_third_only_new_captions(tmp_path: Path) -> None:
     first = CountingEncoder()
-    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["a dog", "a cat"], first)
+    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["a dog", "a cat"], first)
     again = CountingEncoder()  # another process: a new cache object on the same directory
-    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["a cat", "a dog", "a cat"], again)
+    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["a cat", "a dog", "a cat"], again)
     assert again.calls == []
     _assert_same(got, CountingEncoder().encode(["a cat", "a dog", "a cat"]))
     third = CountingEncoder()
-    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["a cat", "a fish"], third)
+    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["a cat", "a fish"], third)
     assert third.encoded == ["a fish"]
 
 
 def test_a_different_encoder_or_length_never_reads_stale_rows(tmp_path: Path) -> None:
-    TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).embed(["a dog"], CountingEncoder())
+    TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).get(["a dog"], CountingEncoder())
     other_model = CountingEncoder(salt="other")
-    got = TextEmbeddingCache(tmp_path, "minilm@bbbb", max_tokens=4).embed(["a dog"], other_model)
+    got = TextEmbeddingCache(tmp_path, "minilm@bbbb", max_tokens=4).get(["a dog"], other_model)
     assert other_model.encoded == ["a dog"]
     _assert_same(got, CountingEncoder(salt="other").encode(["a dog"]))
     first_again = CountingEncoder()
-    TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).embed(["a dog"], first_again)
+    TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).get(["a dog"], first_again)
     assert first_again.calls == [], "the first encoder's rows are still there"
     longer = CountingEncoder(max_tokens=6)
-    assert TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=6).embed(["a dog"], longer).tokens.shape[1] == 6
+    assert TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=6).get(["a dog"], longer).tokens.shape[1] == 6
     assert longer.encoded == ["a dog"]
     with pytest.raises(ValueError, match="max_tokens"):
-        TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).embed(["a dog"], CountingEncoder(max_tokens=6))
+        TextEmbeddingCache(tmp_path, "minilm@aaaa", max_tokens=4).get(["a dog"], CountingEncoder(max_tokens=6))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_a_corrupt_shard_is_reported_and_rebuilt(tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
     cache = TextEmbeddingCache(tmp_path, "fake", max_tokens=4)
-    cache.embed(["a dog", "a cat"], CountingEncoder())
+    cache.get(["a dog", "a cat"], CountingEncoder())
     [shard] = cache.directory.glob("rows-*.safetensors")
     data = shard.read_bytes()
     shard.write_bytes({"truncate": data[: len(data) - 20], "garbage": b"\x07" * len(data), "empty": b""}[damage])
     encoder = CountingEncoder()
     with caplog.at_level(logging.WARNING, logger="components.text_cache"):
-        got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["a cat", "a dog"], encoder)
+        got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["a cat", "a dog"], encoder)
     assert "unreadable" in caplog.text
     assert sorted(encoder.encoded) == ["a cat", "a dog"]
     _assert_same(got, CountingEncoder().encode(["a cat", "a dog"]))
     rebuilt = CountingEncoder()
-    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["a cat", "a dog"], rebuilt)
+    TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["a cat", "a dog"], rebuilt)
     assert rebuilt.calls == [], "the rebuilt rows were stored"
 
 
 def test_two_caches_writing_one_directory_keep_every_row(tmp_path: Path) -> None:
     a, b = TextEmbeddingCache(tmp_path, "fake", max_tokens=4), TextEmbeddingCache(tmp_path, "fake", max_tokens=4)
-    a.embed(["one", "two"], CountingEncoder())
-    b.embed(["two", "three"], CountingEncoder())  # b sees a's shard: only "three" is new
-    a.embed(["four"], CountingEncoder())
+    a.get(["one", "two"], CountingEncoder())
+    b.get(["two", "three"], CountingEncoder())  # b sees a's shard: only "three" is new
+    a.get(["four"], CountingEncoder())
     reader = CountingEncoder()
-    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["four", "three", "two", "one"], reader)
+    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["four", "three", "two", "one"], reader)
     assert reader.calls == []
     _assert_same(got, CountingEncoder().encode(["four", "three", "two", "one"]))
     assert not list(a.directory.glob(".tmp-*")), "no temporary files left behind"
@@ -110,10 +110,10 @@ def test_two_caches_writing_one_directory_keep_every_row(tmp_path: Path) -> None
 def test_small_shards_are_merged_without_losing_rows(tmp_path: Path) -> None:
     cache = TextEmbeddingCache(tmp_path, "fake", max_tokens=4, compact_after=3)
     for word in ["one", "two", "three", "four"]:
-        cache.embed([word], CountingEncoder())
+        cache.get([word], CountingEncoder())
     assert len(list(cache.directory.glob("rows-*.safetensors"))) < 4
     reader = CountingEncoder()
-    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).embed(["four", "three", "two", "one"], reader)
+    got = TextEmbeddingCache(tmp_path, "fake", max_tokens=4).get(["four", "three", "two", "one"], reader)
     assert reader.calls == []
     _assert_same(got, CountingEncoder().encode(["four", "three", "two", "one"]))
 
@@ -126,8 +126,8 @@ def test_real_minilm_rows_from_the_cache_equal_direct_encoding(tmp_path: Path) -
     captions = ["a red apple on a table", "a fire truck", "a red apple on a table", ""]
     identity = encoder_identity(encoder)
     assert identity == encoder_identity(encoder) and identity.startswith(encoder.model_path.name)
-    TextEmbeddingCache(tmp_path, identity, max_tokens=16).embed(captions, encoder)
+    TextEmbeddingCache(tmp_path, identity, max_tokens=16).get(captions, encoder)
     cache = TextEmbeddingCache(tmp_path, identity, max_tokens=16)
-    got = cache.embed(captions, encoder)
+    got = cache.get(captions, encoder)
     assert cache.encoded == 0
     _assert_same(got, encoder.encode(captions))
