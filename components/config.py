@@ -226,39 +226,143 @@ class ModelConfig(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="Fields of DiTConfig to change.")
 
 
-class TrainConfig(_Section):
-    """One training run (pretrain or quality-tune)."""
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
+class RunConfig(_Section):
+    """What every training run shares: steps, optimiser, precision, hardware, checkpoints."""
 
     steps: int = Field(700, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Samples per step.")
+    batch_size: int = Field(32, gt=0, description="Images per step (per device).")
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
-    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
-    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of captions replaced by the empty one (for CFG).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 = off).")
     precision: Literal["auto", "bf16-mixed", "32-true", "16-mixed"] = Field(
         "auto", description="Lightning precision; auto = bf16-mixed where the hardware runs bf16 fast, else fp32."
     )
     seed: int = Field(0, description="Seed for init, data order, timesteps and noise.")
-    sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0 = only at the end).")
-    val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
+    val_every: int = Field(0, ge=0, description="Validation every N steps (0 = only at the end).")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0 = one per CPU core).")
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every N steps and at the last step (0 = off); "
         "a re-run with the same recipe and data resumes from the newest one."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep this many newest checkpoints, delete older ones.")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where to train: auto = GPUs when present, else CPU."
+    )
+    strategy: Strategy = Field(
+        "auto", description="Lightning strategy: auto (one device), ddp (data parallel), fsdp (sharded, GPUs only; "
+        "shards every transformer block and checkpoints activations of each when model grad_checkpointing is on)."
+    )
+    devices: int = Field(1, ge=1, description="Devices (GPUs, or CPU processes for ddp) per node.")
+    num_nodes: int = Field(1, ge=1, description="Nodes; >1 runs as a multi-node job (Kubeflow Trainer TrainJob).")
+
+    @model_validator(mode="after")
+    def _hardware(self) -> "RunConfig":
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError("strategy fsdp needs GPUs (Lightning runs FSDP on CUDA only); use ddp or auto on CPU")
+        if self.strategy == "auto" and (self.devices > 1 or self.num_nodes > 1):
+            raise ValueError("devices/num_nodes > 1 need strategy ddp or fsdp")
+        return self
+
+
+class AutoencoderStageConfig(RunConfig):
+    """The latent space (Movie Gen's TAE): train an autoencoder, or stay in pixel space."""
+
+    kind: Literal["pixel", "vae"] = Field(
+        "pixel", description="pixel = no autoencoder (the generator works on pixels; tiniest recipes); "
+        "vae = train models.autoencoder PRESETS[preset] on the curated images and clips."
+    )
+    preset: str = Field("demo", description="Name in models.autoencoder.PRESETS (kind vae).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Fields of AutoencoderConfig to change.")
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    video_batch_size: int = Field(8, ge=0, description="Clips per step next to the images (0 = images only).")
+    frames: int = Field(9, ge=1, description="Frames per training clip; 1 + a multiple of the temporal downsampling.")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term (small: a near-deterministic latent).")
+    checkpoint_every: int = Field(100, ge=0, description="Resumable checkpoint every N steps (0 = off).")
+
+
+class TrainConfig(RunConfig):
+    """One flow-matching training run (a pretraining stage or quality-tuning)."""
+
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="EMA decay of the weights used for sampling.")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of captions replaced by the empty one (for CFG).")
+    sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0 = only at the end).")
     balanced: bool = Field(
         True, description="Draw training samples in proportion to curation's concept-balancing sample_weight "
         "(1/sqrt(cluster size), Movie Gen); False = every sample equally often."
     )
+    precompute_latents: bool = Field(
+        True, description="Encode every sample once and cache the latents on disk, keyed by the dataset hash and "
+        "the autoencoder weights (False: encode each batch as it is drawn)."
+    )
+
+
+class PretrainStageConfig(_Section):
+    """One stage of multi-stage pretraining; unset fields take the pretrain section's values."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_]*$", description="Stage name (task 'pretrain-<name>').")
+    media: Literal["image", "video", "joint"] = Field(
+        "image", description="What a step trains on: images (T2I), clips (T2V), or both in every step (joint)."
+    )
+    resolution: int | None = Field(
+        None, ge=8, description="Side of the 1:1 bucket in pixels (other buckets keep the area); at most "
+        "curate.resolution, which is the default. Movie Gen grows it from stage to stage."
+    )
+    frames: int = Field(9, ge=1, description="Frames per training clip (video/joint): 1 + a multiple of the "
+                        "autoencoder's temporal downsampling.")
+    video_batch_size: int = Field(8, ge=1, description="Clips per step (video/joint), next to batch_size images.")
+    steps: int | None = Field(None, gt=0, description="Optimizer steps of this stage.")
+    batch_size: int | None = Field(None, gt=0, description="Images per step.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps.")
+
+
+class PretrainConfig(TrainConfig):
+    """Flow-matching pretraining, in stages (Movie Gen: T2I low-res -> joint T2I+T2V -> higher res)."""
+
+    stages: list[PretrainStageConfig] = Field(
+        default_factory=list, description="Stages in order, each continuing from the previous one's weights; "
+        "empty = one image stage named t2i."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, value: list[PretrainStageConfig]) -> list[PretrainStageConfig]:
+        names = [s.name for s in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {duplicates}")
+        return value
+
+    def resolved_stages(self) -> list[PretrainStageConfig]:
+        """The stages to run (the implicit single t2i stage when none are listed)."""
+        return list(self.stages) or [PretrainStageConfig(name="t2i", media="image")]
+
+    def stage(self, name: str) -> PretrainStageConfig:
+        """One stage by name; unknown names list the valid ones."""
+        for stage in self.resolved_stages():
+            if stage.name == name:
+                return stage
+        raise ValueError(f"no pretrain stage '{name}'; stages: {[s.name for s in self.resolved_stages()]}")
+
+    def train_config(self, name: str) -> TrainConfig:
+        """The TrainConfig of one stage: the section's values with the stage's overrides."""
+        stage = self.stage(name)
+        fields = {k: v for k, v in self.model_dump().items() if k in TrainConfig.model_fields}
+        for key in ("steps", "batch_size", "lr", "warmup_steps"):
+            if getattr(stage, key) is not None:
+                fields[key] = getattr(stage, key)
+        return TrainConfig(**fields)
 
 
 class QualityTuneConfig(TrainConfig):
     """Emu quality-tuning: small LR fine-tune on the top-k samples by curation quality."""
 
-    steps: int = Field(150, gt=0, description="Optimizer steps.")
+    steps: int = Field(150, gt=0, description="Optimizer steps (an upper bound with early stopping).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (Emu: small, to keep knowledge).")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     top_k: int = Field(200, gt=0, description="Train on this many of the best training samples (Emu: ~2,000).")
@@ -270,6 +374,21 @@ class QualityTuneConfig(TrainConfig):
     per_cluster_cap: int = Field(
         0, ge=0, description="At most this many samples per concept cluster, for diversity (0 = no cap)."
     )
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations (every val_every steps) without a new best "
+        "val/loss (0 = off; Emu stops early because the small set overfits quickly)."
+    )
+    average_last: int = Field(
+        1, ge=1, description="Average the EMA weights of the last N validation points (Movie Gen averages SFT "
+        "checkpoints); 1 = the final weights."
+    )
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> "QualityTuneConfig":
+        for name in ("early_stopping_patience", "average_last"):
+            if getattr(self, name) > (0 if name == "early_stopping_patience" else 1) and self.val_every <= 0:
+                raise ValueError(f"{name} needs val_every > 0 (it acts at validation points)")
+        return self
 
 
 class SamplingConfig(_Section):
@@ -327,8 +446,9 @@ class Recipe(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    autoencoder: AutoencoderStageConfig = Field(default_factory=AutoencoderStageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     quality_tune: QualityTuneConfig = Field(default_factory=QualityTuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
@@ -341,13 +461,60 @@ class Recipe(_Section):
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset '{self.model.preset}' is not one of {sorted(PRESETS)}")
-        size = self.model_config_dict().get("image_size")
-        if size != self.curate.resolution:
+        spatial, temporal, channels = self.latent_factors()
+        model = self.model_config_dict()
+        if model.get("in_channels") != channels:
+            raise ValueError(f"model in_channels {model.get('in_channels')} conflicts with the latent space's "
+                             f"{channels} channels (autoencoder.kind {self.autoencoder.kind!r})")
+        if model.get("image_size") * spatial != self.curate.resolution:
             raise ValueError(
-                f"model image_size {size} conflicts with curate.resolution {self.curate.resolution}: "
-                "the pixel-space model trains on curated images as they are"
+                f"model image_size {model.get('image_size')} x autoencoder downsampling {spatial} conflicts with "
+                f"curate.resolution {self.curate.resolution}: the generator's default sample side must be the "
+                "curated resolution in latent cells"
             )
+        if self.autoencoder.kind == "vae" and (self.autoencoder.frames - 1) % temporal:
+            raise ValueError(f"autoencoder.frames {self.autoencoder.frames} must be 1 + a multiple of the "
+                             f"temporal downsampling {temporal}")
+        patch = int(model.get("patch_size", 1)) * spatial
+        patch_t = int(model.get("patch_size_t", 1))
+        for stage in self.pretrain.resolved_stages():
+            where = f"pretrain.stages[{stage.name}]"
+            resolution = stage.resolution or self.curate.resolution
+            if resolution > self.curate.resolution:
+                raise ValueError(f"{where}.resolution {resolution} is above curate.resolution "
+                                 f"{self.curate.resolution}: stages can only train at or below the curated size")
+            if resolution % patch:
+                raise ValueError(f"{where}.resolution {resolution} must be a multiple of {patch} "
+                                 "(autoencoder downsampling x patch size)")
+            if stage.media != "image":
+                if (stage.frames - 1) % temporal or ((stage.frames - 1) // temporal + 1) % patch_t:
+                    raise ValueError(f"{where}.frames {stage.frames} must be 1 + a multiple of the temporal "
+                                     f"downsampling {temporal}, giving latent frames divisible by patch_size_t {patch_t}")
         return self
+
+    def latent_factors(self) -> tuple[int, int, int]:
+        """(spatial downsampling, temporal downsampling, channels) of the space the generator works in."""
+        if self.autoencoder.kind == "pixel":
+            return 1, 1, 3
+        from models.autoencoder import AutoencoderConfig
+
+        config = AutoencoderConfig.from_dict(self.autoencoder_config_dict())
+        return config.spatial_downsample, config.temporal_downsample, config.latent_channels
+
+    def autoencoder_config_dict(self) -> dict[str, Any]:
+        """The AutoencoderConfig fields: the preset with the recipe's overrides (kind vae only)."""
+        from models.autoencoder import PRESETS, AutoencoderConfig
+
+        if self.autoencoder.preset not in PRESETS:
+            raise ValueError(f"autoencoder.preset '{self.autoencoder.preset}' is not one of {sorted(PRESETS)}")
+        fields = PRESETS[self.autoencoder.preset].to_dict()
+        unknown = sorted(set(self.autoencoder.overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"autoencoder.overrides: unknown AutoencoderConfig field(s) {unknown}; "
+                             f"known: {sorted(fields)}")
+        fields.update(self.autoencoder.overrides)
+        AutoencoderConfig.from_dict(fields)  # validates values, naming the field
+        return fields
 
     def model_config_dict(self) -> dict[str, Any]:
         """The generator's DiTConfig fields: the preset with the recipe's overrides applied."""

@@ -91,6 +91,8 @@ STAGES: dict[str, StageSpec] = {
     # The two halves of curation for the cluster pipeline's ParallelFor (KFP caches those there).
     "curate_shard": StageSpec("components.curate.stage", ("curate",), deterministic=False, entry="shard_stage"),
     "curate_merge": StageSpec("components.curate.stage", ("curate",), deterministic=False, entry="merge_stage"),
+    "autoencoder": StageSpec("components.autoencoder.stage", ("autoencoder",), deterministic=False),
+    # One run per pretraining stage: the `stage` option names it (run name pretrain-<stage>).
     "pretrain": StageSpec("components.pretrain.stage", ("model", "text", "pretrain", "evaluate"), deterministic=False),
     "quality_tune": StageSpec("components.quality_tune.stage", ("text", "quality_tune", "evaluate"), deterministic=False),
     "evaluate": StageSpec("components.evaluate.stage", ("text", "evaluate"), deterministic=False),
@@ -156,7 +158,9 @@ def execute(
     cache_root = os.environ.get(CACHE_ENV)
     key = _cache_key(name, recipe, inputs, options) if (cache_root and spec.deterministic) else None
     started = time.monotonic()
-    with tracking.stage_run(name, recipe.tracking.experiment, recipe.name, params, parent_run_id=parent,
+    # A stage that runs once per recipe entry (pretrain-<stage>) is one MLflow run per entry.
+    label = f"{name}-{options['stage']}" if options.get("stage") else name
+    with tracking.stage_run(label, recipe.tracking.experiment, recipe.name, params, parent_run_id=parent,
                             tags={"git.commit": context.commit()}) as tracker:
         cached = Path(cache_root, name, key) if key else None
         if cached is not None and (cached / _META_FILE).is_file():
@@ -166,7 +170,7 @@ def execute(
             result = _stage_fn(name)(recipe, inputs, outputs, tracker, context, **options)
             if cached is not None:
                 _store(cached, outputs, result)
-        result.metrics[f"{name}.seconds"] = round(time.monotonic() - started, 3)
+        result.metrics[f"{label}.seconds"] = round(time.monotonic() - started, 3)
         tracker.log_metrics(result.metrics)
         tracker.set_tags({"reelforge.cache_key": key or "", **result.tags})
         for artifact in result.artifacts:

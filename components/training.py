@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -35,15 +36,17 @@ from components.config import Recipe, TrainConfig
 from components.evaluate.prompts import load_prompts
 from components.media import sha256_file
 from components.storage import dataset_hash, iter_shard, read_manifest, sha256_json
+from components.train_data import (MediaGroup, StepDataset, ValidationBatches, cache_root, codec_fingerprint,
+                                   embed_groups, encode_groups, group_specs, load_groups)
 from models.checkpoint import (WEIGHTS_FILE, latest_training_checkpoint, load_model_dir, read_checkpoint_state,
-                               save_model_dir)
+                               save_model_dir, save_weights)
 from models.dit import DiTConfig
 from models.flow import FlowMatchingConfig
-from models.generate import TextToImage, image_grid
+from models.generate import AUTOENCODER_FILE, TextToImage, image_grid
 from models.hardware import resolve_precision
 from models.resume import PeriodicCheckpoint, SafetensorsCheckpointIO
 from models.text_encoder import TextEmbeddings, TextEncoder
-from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConfig, StepBatchSampler
+from models.training import FlowMatchingModule, OptimConfig, StepPlan, StepSampler
 
 
 @dataclass(frozen=True)
@@ -116,21 +119,29 @@ def embed(encoder: TextEncoder, captions: list[str], batch_size: int = 256) -> T
 
 
 class SampleGridCallback(lightning.Callback):
-    """Logs a grid of the EMA model's samples for fixed prompts every `every` steps and at the end."""
+    """Logs the EMA model's samples for fixed prompts every `every` steps and at the end.
+
+    Images go to `samples/<stage>_step_<N>.png` as a grid; video stages also log a tiled clip
+    of the first prompts as `samples/<stage>_step_<N>.mp4` and `.gif`.
+    """
 
     def __init__(self, tracker: tracking.StageTracker, generator: TextToImage, prompts: list[str], every: int,
-                 sampling: dict[str, Any], stage: str) -> None:
+                 sampling: dict[str, Any], stage: str, video: dict[str, int] | None = None) -> None:
         self.tracker, self.generator, self.prompts = tracker, generator, prompts
-        self.every, self.sampling, self.stage = every, sampling, stage
+        self.every, self.sampling, self.stage, self.video = every, sampling, stage, video
         self.last_logged = -1
 
     def log_grid(self, step: int) -> None:
-        """Sample the prompts and log `samples/<stage>_step_<step>.png`."""
+        """Sample the prompts and log the grid (and the clip grid for video stages)."""
         if step == self.last_logged:
             return
         images = self.generator(self.prompts, **self.sampling)
         self.tracker.log_image(Image.fromarray(image_grid(images, columns=8, upscale=2)),
                                f"samples/{self.stage}_step_{step:06d}.png")
+        if self.video:
+            clips = self.generator(self.prompts[: self.video.get("prompts", 4)], frames=self.video["frames"],
+                                   height=self.video.get("height"), width=self.video.get("width"), **self.sampling)
+            self.tracker.log_video(clips, f"samples/{self.stage}_step_{step:06d}", fps=self.video.get("fps", 8))
         self.last_logged = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
@@ -168,13 +179,53 @@ class PlainProgress(lightning.Callback):
 class DataPositionCheck(lightning.Callback):
     """Fails fast if Lightning's restored step and the sampler's first step disagree (batches would shift)."""
 
-    def __init__(self, sampler: StepBatchSampler) -> None:
+    def __init__(self, sampler: StepSampler) -> None:
         self.sampler = sampler
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         if trainer.global_step != self.sampler.start_step:
             raise RuntimeError(f"resumed at step {trainer.global_step} but the data sampler starts at step "
                                f"{self.sampler.start_step}; the checkpoint and its step disagree")
+
+
+class WeightAveraging(lightning.Callback):
+    """Keeps the EMA weights of the last `keep` validation points; their mean becomes the final model.
+
+    Movie Gen averages SFT checkpoints; averaging nearby points of one run smooths out the
+    noise of a small, quickly-overfitting set. The snapshots are part of the training
+    checkpoint (tensors, so safetensors), so a resumed run averages the same points.
+    """
+
+    def __init__(self, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.keep = keep
+        self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if trainer.sanity_checking or trainer.state.fn != "fit":  # not the final validate() of the EMA
+            return
+        step = trainer.global_step
+        if self.snapshots and self.snapshots[-1][0] == step:
+            return
+        weights = {k: v.detach().float().cpu().clone() for k, v in pl_module.ema.state_dict().items()}
+        self.snapshots = (self.snapshots + [(step, weights)])[-self.keep:]
+
+    def averaged(self) -> tuple[dict[str, torch.Tensor] | None, list[int]]:
+        """(mean of the kept snapshots, their steps); (None, []) before any validation."""
+        if not self.snapshots:
+            return None, []
+        names = self.snapshots[0][1].keys()
+        mean = {name: torch.stack([w[name] for _, w in self.snapshots]).mean(0) for name in names}
+        return mean, [step for step, _ in self.snapshots]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Snapshots for the training checkpoint."""
+        return {"steps": [step for step, _ in self.snapshots], "weights": [w for _, w in self.snapshots]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the snapshots of a resumed run."""
+        self.snapshots = list(zip(state_dict.get("steps", []), state_dict.get("weights", [])))
 
 
 @dataclass(frozen=True)
@@ -186,10 +237,9 @@ class Resume:
     step: int  # global step of `checkpoint` (0 without one)
 
 
-def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: dict[str, Any], dataset_dir: Path,
-                output_dir: Path, train_ids: list[str], init_dir: Path | None,
-                held: contextlib.ExitStack) -> Resume:
-    """The stage's checkpoint directory for these inputs, and the newest valid checkpoint in it.
+def find_resume(stage: str, recipe: Recipe, config: TrainConfig, settings: dict[str, Any],
+                inputs: dict[str, str], output_dir: Path, held: contextlib.ExitStack) -> Resume:
+    """The stage's checkpoint directory for these settings and inputs, and the newest valid checkpoint in it.
 
     The directory's lock is entered into `held` (the caller keeps it until training ends).
     Checkpoints that do not verify (an interrupted write, a truncated or replaced file) are
@@ -197,11 +247,6 @@ def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: d
     """
     if config.checkpoint_every <= 0:
         return Resume(None, None, 0)
-    inputs = {"dataset": dataset_hash(dataset_dir), "train_ids": sha256_json(train_ids)}
-    if init_dir is not None:
-        inputs["init_weights"] = sha256_file(Path(init_dir) / WEIGHTS_FILE)
-    settings = {"train": config.model_dump(mode="json"), "model": model_fields,
-                "text": recipe.text.model_dump(mode="json")}
     key = checkpoint_key(stage, settings, inputs)
     directory = checkpoint_dir(stage, key, output_dir, description={"stage": stage, "recipe": recipe.name,
                                                                      "settings": settings, "inputs": inputs})
@@ -215,6 +260,20 @@ def find_resume(stage: str, recipe: Recipe, config: TrainConfig, model_fields: d
 
 
 @dataclass(frozen=True)
+class TrainSpec:
+    """What one flow-matching training run trains on (a pretraining stage, or quality-tuning)."""
+
+    stage: str  # name in tracking, checkpoints and logs, e.g. "pretrain-t2i" or "quality_tune"
+    config: TrainConfig  # optimiser, steps, precision, hardware
+    media: tuple[str, ...] = ("image",)  # "image" and/or "video" groups in every step
+    resolution: int | None = None  # 1:1 side in pixels (None = the curated resolution)
+    frames: int = 1  # pixel frames per clip window (video)
+    video_batch_size: int = 0  # clips per step next to config.batch_size images
+    early_stopping_patience: int = 0  # validations without a new best val/loss before stopping (0 = off)
+    average_last: int = 1  # average the EMA weights of the last N validation points
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What a training stage produced."""
 
@@ -225,32 +284,72 @@ class TrainResult:
     val_loss: float
     seconds: float
     images_per_second: float
+    stopped_early: bool = False
+    averaged_steps: tuple[int, ...] = ()
 
 
-def train(
-    stage: str,
-    recipe: Recipe,
-    config: TrainConfig,
-    dataset_dir: Path,
-    output_dir: Path,
-    tracker: tracking.StageTracker,
-    init_dir: Path | None = None,
-    train_ids: set[str] | None = None,
-    lineage: dict[str, Any] | None = None,
-) -> TrainResult:
+def lightning_strategy(config: TrainConfig) -> Any:
+    """The Lightning strategy for a recipe's `strategy`: auto, DDP, or FSDP sharding every DiT block.
+
+    FSDP wraps each transformer block (and checkpoints its activations when the model asks
+    for gradient checkpointing) and gathers full state dicts for checkpoints, so the
+    safetensors checkpoint format and exact resume stay the same as on one device.
+    """
+    if config.strategy == "auto":
+        return "auto"
+    if config.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from models.dit.model import DiTBlock
+
+    return FSDPStrategy(auto_wrap_policy={DiTBlock}, activation_checkpointing_policy={DiTBlock},
+                        state_dict_type="full", sharding_strategy="FULL_SHARD")
+
+
+def _accelerator(config: TrainConfig) -> str:
+    """Lightning accelerator: the recipe's choice, with auto = GPU when one is visible."""
+    if config.accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return config.accelerator
+
+
+def load_codec_dir(codec_dir: Path | None) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(codec, its config dict, autoencoder weights or None) from an autoencoder stage's output."""
+    from models.latent import PixelCodec, codec_from_dict
+
+    if codec_dir is None:
+        return PixelCodec(), PixelCodec().to_dict(), None
+    weights, config, _ = load_model_dir(Path(codec_dir)) if (Path(codec_dir) / WEIGHTS_FILE).is_file() else \
+        (None, json.loads((Path(codec_dir) / "config.json").read_text(encoding="utf-8")), None)
+    latent = config["latent"]
+    if latent.get("kind", "pixel") == "pixel":
+        return PixelCodec(), latent, None
+    return codec_from_dict(latent, weights), latent, weights
+
+
+def train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker: tracking.StageTracker,
+          codec_dir: Path | None = None, init_dir: Path | None = None, train_ids: set[str] | None = None,
+          lineage: dict[str, Any] | None = None) -> TrainResult:
     """Train on the dataset's train split (or `train_ids` of it) and write a Model artifact.
 
+    `codec_dir` is the autoencoder stage's output (None = pixel space), `init_dir` the model
+    to continue from (an earlier pretraining stage, or the pretrained model for quality-tuning).
     Resumes from the newest valid checkpoint of an earlier run with the same settings and
     inputs (see components.checkpoints for where they live) and checkpoints as it goes.
     """
     with contextlib.ExitStack() as held:  # the checkpoint directory's lock, until the artifact is written
-        return _train(stage, recipe, config, dataset_dir, output_dir, tracker, init_dir, train_ids, lineage, held)
+        return _train(spec, recipe, Path(dataset_dir), Path(output_dir), tracker, codec_dir, init_dir, train_ids,
+                      lineage, held)
 
 
-def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, output_dir: Path,
-           tracker: tracking.StageTracker, init_dir: Path | None, train_ids: set[str] | None,
+def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker: tracking.StageTracker,
+           codec_dir: Path | None, init_dir: Path | None, train_ids: set[str] | None,
            lineage: dict[str, Any] | None, held: contextlib.ExitStack) -> TrainResult:
     """:func:`train`, with `held` keeping the checkpoint directory locked until it returns."""
+    stage, config = spec.stage, spec.config
     configure_torch(config.threads)
     lightning.seed_everything(config.seed, workers=True, verbose=False)
     init_weights = None
@@ -259,26 +358,52 @@ def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, o
         model_fields = init_config["model"]
     else:
         model_fields = recipe.model_config_dict()
-    model_config = DiTConfig(**model_fields)
+    model_config = DiTConfig.from_dict(model_fields)
+    codec, codec_dict, codec_weights = load_codec_dir(codec_dir)
+    if codec.channels != model_config.in_channels:
+        raise ValueError(f"the latent space has {codec.channels} channels but the model expects "
+                         f"{model_config.in_channels} (autoencoder.kind / model preset)")
 
+    # --- data: same-shape groups, encoded once (cached) and with cached caption embeddings
+    resolution = spec.resolution or recipe.curate.resolution
+    multiple = codec.spatial_downsample * model_config.patch_size
+    load = dict(resolution=resolution, curated_resolution=recipe.curate.resolution, multiple=multiple,
+                frames=spec.frames)
+    train_groups = load_groups(dataset_dir, "train", spec.media, ids=train_ids, **load)
+    val_groups = _validation_groups(dataset_dir, spec.media, load)
+    codec_id = codec_fingerprint(codec_dir if codec_weights is not None else None)
     encoder = TextEncoder(max_tokens=recipe.text.max_tokens)
-    train_split = load_split(dataset_dir, "train", train_ids)
-    val_split = load_split(dataset_dir, "val")
-    if train_split.images.shape[-1] != model_config.image_size:
-        raise ValueError(f"{dataset_dir}: images are {train_split.images.shape[-1]} px but the model expects "
-                         f"{model_config.image_size} px (curate.resolution vs model preset)")
+    embedder = caption_embedder(encoder, output_dir)
+    hits = 0
+    for split, groups in (("train", train_groups), ("val", val_groups)):
+        hits += encode_groups(groups, codec, dataset_dir=dataset_dir, split=split, codec_id=codec_id,
+                              output_dir=output_dir, cache=config.precompute_latents)
+        embed_groups(groups, embedder)
+    for group in train_groups:
+        print(f"[{stage}] train {group.describe()}", file=sys.stderr, flush=True)
+    train_ids_all = [i for g in train_groups for i in g.ids]
+    train_samples = len(train_ids_all)
+
     null_text = encoder.encode([""])
-    train_set = CaptionedImageDataset(train_split.images, embed(encoder, train_split.captions))
-    val_set = CaptionedImageDataset(val_split.images, embed(encoder, val_split.captions))
     flow = FlowMatchingConfig()
     optim = OptimConfig(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
                         ema_decay=config.ema_decay, caption_dropout=config.caption_dropout, grad_clip=config.grad_clip)
     module = FlowMatchingModule(model_config, flow, optim, null_text, init_weights=init_weights)
     tracker.log_metrics({f"{stage}.parameters": sum(p.numel() for p in module.model.parameters()),
-                         f"{stage}.train_samples": len(train_set), f"{stage}.val_samples": len(val_set)})
+                         f"{stage}.train_samples": train_samples,
+                         f"{stage}.val_samples": sum(len(g.ids) for g in val_groups),
+                         f"{stage}.latent_cache_hits": hits})
 
-    resume = find_resume(stage, recipe, config, model_fields, dataset_dir, output_dir, train_split.ids, init_dir,
-                         held)
+    inputs = {"dataset": dataset_hash(dataset_dir), "train_ids": sha256_json(train_ids_all), "codec": codec_id}
+    if init_dir is not None:
+        inputs["init_weights"] = sha256_file(Path(init_dir) / WEIGHTS_FILE)
+    settings = {"train": config.model_dump(mode="json"), "model": model_fields,
+                "text": recipe.text.model_dump(mode="json"),
+                "data": {"media": list(spec.media), "resolution": resolution, "frames": spec.frames,
+                         "video_batch_size": spec.video_batch_size},
+                "tuning": {"early_stopping_patience": spec.early_stopping_patience,
+                           "average_last": spec.average_last}}
+    resume = find_resume(stage, recipe, config, settings, inputs, output_dir, held)
     if resume.checkpoint is not None:
         print(f"[{stage}] resuming from step {resume.step} (checkpoint {resume.checkpoint})", file=sys.stderr,
               flush=True)
@@ -286,40 +411,59 @@ def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, o
                       f"{stage}.resumed_from_step": resume.step,
                       f"{stage}.checkpoint_dir": str(resume.directory or "")})
 
-    batch_size = min(config.batch_size, len(train_set))
-    # Batches are a function of (seed, step), starting at the resumed step: see StepBatchSampler.
-    sampler = StepBatchSampler(len(train_set), batch_size, config.seed, start_step=resume.step,
-                               weights=train_split.weights if config.balanced else None)
+    batch_sizes = {"image": config.batch_size if "image" in spec.media else 0,
+                   "video": spec.video_batch_size if "video" in spec.media else 0}
+    # Batches are a function of (seed, step), starting at the resumed step: see StepPlan.
+    plan = StepPlan(group_specs(train_groups, config.balanced), batch_sizes, config.seed)
+    sampler = StepSampler(resume.step)
     # Both loaders get their own generator: a DataLoader without one draws its base seed from the
     # global RNG each time it is iterated, so the validation runs inside fit would shift caption
     # dropout and noise, and a resumed run (which skips the validation at its checkpoint step)
     # would diverge from an uninterrupted one.
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=0,
-                                               generator=torch.Generator().manual_seed(config.seed))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=max(batch_size, 64), shuffle=False,
+    train_loader = torch.utils.data.DataLoader(StepDataset(train_groups, plan), sampler=sampler, batch_size=None,
+                                               num_workers=0, generator=torch.Generator().manual_seed(config.seed))
+    val_loader = torch.utils.data.DataLoader(ValidationBatches(val_groups), batch_size=None, shuffle=False,
                                              generator=torch.Generator().manual_seed(config.seed))
 
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=tracker.run_id)
+    logger = tracking.training_logger(tracker)
     grid_prompts = [p.text for p in load_prompts(recipe.evaluate.prompts, recipe.evaluate.grid_prompts)]
     sampling = {"steps": recipe.evaluate.sampling.steps, "guidance": recipe.evaluate.sampling.guidance,
                 "seed": recipe.evaluate.sampling.seed, "solver": recipe.evaluate.sampling.solver}
-    grids = SampleGridCallback(tracker, TextToImage(module.ema, encoder, {}, {}), grid_prompts,
-                               config.sample_every, sampling, stage)
+    generator = TextToImage(module.ema, encoder, {}, {}, codec=codec)
+    video = None
+    if "video" in spec.media:
+        video_group = next(g for g in train_groups if g.media == "video")
+        frames, height, width = video_group.shape
+        video = {"frames": frames, "height": height, "width": width, "prompts": 4, "fps": recipe.curate.video.fps}
+    grids = SampleGridCallback(tracker, generator, grid_prompts, config.sample_every, sampling, stage, video=video)
     interactive = sys.stderr.isatty()
     callbacks: list[lightning.Callback] = [grids] if interactive else [grids, PlainProgress(stage)]
     callbacks.append(DataPositionCheck(sampler))
+    averaging = None
+    if spec.average_last > 1:
+        averaging = WeightAveraging(spec.average_last)
+        callbacks.append(averaging)
+    stopper = None
+    if spec.early_stopping_patience > 0:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        stopper = EarlyStopping(monitor="val/loss", mode="min", patience=spec.early_stopping_patience,
+                                check_finite=True, verbose=False)
+        callbacks.append(stopper)
     checkpointer = None
     if resume.directory is not None:
         checkpointer = PeriodicCheckpoint(resume.directory, config.checkpoint_every, config.keep_checkpoints)
         callbacks.append(checkpointer)
     val_every = config.val_every if 0 < config.val_every <= config.steps else None
+    accelerator = _accelerator(config)
     precision = resolve_precision(config.precision)
-    tracker.set_tags({f"{stage}.precision": precision})
+    tracker.set_tags({f"{stage}.precision": precision, f"{stage}.strategy": config.strategy,
+                      f"{stage}.accelerator": accelerator})
     trainer = lightning.Trainer(
-        accelerator="cpu",
-        devices=1,
+        accelerator=accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=lightning_strategy(config),
         precision=precision,
         max_steps=config.steps,
         gradient_clip_val=config.grad_clip or None,
@@ -347,34 +491,86 @@ def _train(stage: str, recipe: Recipe, config: TrainConfig, dataset_dir: Path, o
                 ckpt_path=resume.checkpoint)
     seconds = time.monotonic() - started
     steps_run = int(trainer.global_step) - resume.step
+    stopped_early = bool(stopper is not None and stopper.stopped_epoch > 0) or \
+        (stopper is not None and int(trainer.global_step) < config.steps)
     # Read before validate(): Lightning resets callback_metrics when a new loop starts.
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     if steps_run == 0 and checkpointer is not None and checkpointer.last_train_loss is not None:
         train_loss = checkpointer.last_train_loss  # resumed at the last step: nothing was trained now
+    averaged_steps: list[int] = []
+    if averaging is not None:
+        averaged, averaged_steps = averaging.averaged()
+        if averaged is not None:
+            module.ema.load_state_dict(averaged)
+            print(f"[{stage}] final weights = mean of the EMA at steps {averaged_steps}", file=sys.stderr, flush=True)
     # A separate trainer: the fit trainer may have validation switched off (limit_val_batches=0).
-    validator = lightning.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+    validator = lightning.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    validated = validator.validate(module, dataloaders=val_loader, verbose=False)
+    with _ema_as_model(module):
+        validated = validator.validate(module, dataloaders=val_loader, verbose=False)
     val_loss = float(validated[0]["val/loss"]) if validated else float("nan")
-    throughput = steps_run * batch_size / max(seconds, 1e-9)
+    tracker.flush()  # queued training metrics are in MLflow (or the stage fails) before the artifact is written
+    images = steps_run * (batch_sizes["image"] + batch_sizes["video"] * spec.frames)
+    throughput = images / max(seconds, 1e-9)
     state = {
         "stage": stage,
         "step": int(trainer.global_step),
-        "metrics": {"train_loss": train_loss, "val_loss": val_loss, "images_per_second": throughput},
+        "metrics": {"train_loss": train_loss, "val_loss": val_loss, "frames_per_second": throughput},
         "precision": precision,
-        "train_samples": len(train_set),
+        "train_samples": train_samples,
+        "media": list(spec.media),
+        "stopped_early": stopped_early,
+        "averaged_steps": averaged_steps,
         **(lineage or {}),
     }
     config_json = {
         "architecture": "dit",
-        "model": model_config.to_dict() if hasattr(model_config, "to_dict") else asdict(model_config),
+        "model": model_config.to_dict(),
+        "latent": codec_dict,
         "text": recipe.text.model_dump(mode="json"),
         "flow": asdict(flow),
         "sampling": recipe.register.sampling.model_dump(mode="json"),
         "training": {stage: config.model_dump(mode="json")},
+        "data": settings["data"],
         "recipe": recipe.model_dump(mode="json"),
     }
     weights = {k: v.detach().float().contiguous() for k, v in module.ema.state_dict().items()}
-    save_model_dir(Path(output_dir), weights, config_json, state)
-    return TrainResult(Path(output_dir), int(trainer.global_step), len(train_set), train_loss, val_loss,
-                       seconds, throughput)
+    if codec_weights is not None:  # the artifact carries its decoder: serving needs nothing else
+        save_weights(Path(output_dir) / AUTOENCODER_FILE, codec_weights)
+    save_model_dir(Path(output_dir), weights, config_json, state)  # state.json last marks it complete
+    return TrainResult(Path(output_dir), int(trainer.global_step), train_samples, train_loss, val_loss,
+                       seconds, throughput, stopped_early, tuple(averaged_steps))
+
+
+def _validation_groups(dataset_dir: Path, media: tuple[str, ...], load: dict[str, Any]) -> list[MediaGroup]:
+    """The val split's groups of the stage's media; a media kind with no val samples is left out (noted)."""
+    groups: list[MediaGroup] = []
+    for kind in media:
+        try:
+            groups += load_groups(dataset_dir, "val", (kind,), **load)
+        except ValueError as error:
+            print(f"[data] no {kind} validation samples ({error}); val/loss covers the rest", file=sys.stderr,
+                  flush=True)
+    if not groups:
+        raise ValueError(f"{dataset_dir}: the val split has no {'/'.join(media)} samples; raise curate.val_fraction")
+    return groups
+
+
+@contextlib.contextmanager
+def _ema_as_model(module: FlowMatchingModule):
+    """Validate the weights that ship (the EMA) rather than the raw training weights."""
+    raw = module.model
+    module.model = module.ema
+    try:
+        yield
+    finally:
+        module.model = raw
+
+
+def caption_embedder(encoder: TextEncoder, output_dir: Path) -> Any:
+    """captions -> TextEmbeddings, through the on-disk text-embedding cache when available."""
+    from components.text_cache import TextEmbeddingCache, encoder_identity
+
+    cache = TextEmbeddingCache(cache_root(output_dir).parent / "text", encoder_id=encoder_identity(encoder),
+                               max_tokens=encoder.max_tokens)
+    return lambda captions: cache.get(captions, encoder)

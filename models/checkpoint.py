@@ -111,6 +111,14 @@ def _prepare_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return prepared
 
 
+def save_weights(path: str | os.PathLike[str], weights: dict[str, torch.Tensor]) -> Path:
+    """Write one safetensors file atomically (e.g. the autoencoder that a generator directory carries)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, save(_prepare_weights(weights), metadata={"format": "pt"}))
+    return path
+
+
 def save_model_dir(
     directory: str | os.PathLike[str],
     weights: dict[str, torch.Tensor],

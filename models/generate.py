@@ -1,8 +1,10 @@
-"""Text-to-image inference from a model directory: prompts in, uint8 images out.
+"""Text-to-image and text-to-video inference from a model directory: prompts in, uint8 frames out.
 
-A model directory is the Model artifact contract: `model.safetensors` (EMA weights),
-`config.json` (architecture, text encoder, flow settings, the recipe) and `state.json`.
-Evaluation, the MLflow pyfunc and the inference server all sample through this class.
+A model directory is the Model artifact contract: `model.safetensors` (EMA weights of the
+generator), `config.json` (architecture, latent space, text encoder, flow settings, the recipe),
+`state.json`, and `autoencoder.safetensors` when the generator works in an autoencoder's latent
+space (so one directory is everything serving needs). Evaluation, the MLflow pyfunc and the
+inference server all sample through :class:`TextToImage`.
 """
 
 from __future__ import annotations
@@ -14,25 +16,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import load_model_dir
+from models.checkpoint import load_model_dir, load_weights
 from models.dit import DiT, DiTConfig
 from models.flow import sample
+from models.latent import PixelCodec, codec_from_dict
 from models.text_encoder import TextEmbeddings, TextEncoder
+
+AUTOENCODER_FILE = "autoencoder.safetensors"
+
+
+def load_codec(directory: str | Path, config: dict[str, Any]) -> Any:
+    """The latent codec a model directory's generator was trained with (pixel space when none is recorded)."""
+    latent = config.get("latent")
+    if not latent or latent.get("kind", "pixel") == "pixel":
+        return PixelCodec()
+    weights_path = Path(directory) / AUTOENCODER_FILE
+    return codec_from_dict(latent, load_weights(weights_path))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B,C,H,W] floats in [-1,1] -> [B,H,W,C] uint8."""
+    """[B,C,H,W] floats in [-1,1] -> [B,H,W,C] uint8; [B,C,T,H,W] -> [B,T,H,W,C]."""
     scaled = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+    order = (0, 2, 3, 1) if scaled.ndim == 4 else (0, 2, 3, 4, 1)
+    return scaled.permute(*order).cpu().numpy()
 
 
 class TextToImage:
     """A loaded generator with its text encoder; call it with prompts to get images."""
 
-    def __init__(self, model: DiT, text_encoder: TextEncoder, config: dict[str, Any], state: dict[str, Any]) -> None:
+    def __init__(self, model: DiT, text_encoder: TextEncoder, config: dict[str, Any], state: dict[str, Any],
+                 codec: Any = None) -> None:
         # Left in the caller's train/eval mode: during training this wraps the live EMA module
         # (the DiT has no dropout or norm statistics, so the mode does not change samples).
         self.model = model
+        self.codec = codec if codec is not None else PixelCodec()
         self.text_encoder = text_encoder
         self.config = config
         self.state = state
@@ -46,12 +63,12 @@ class TextToImage:
         model.load_state_dict(weights)
         model.eval()
         encoder = text_encoder or TextEncoder(max_tokens=int(config["text"]["max_tokens"]))
-        return cls(model, encoder, config, state)
+        return cls(model, encoder, config, state, codec=load_codec(directory, config))
 
     @property
     def image_size(self) -> int:
-        """Side of the square images this model makes, in pixels."""
-        return int(self.model.config.image_size)
+        """Side of the square images this model makes by default, in pixels."""
+        return int(self.model.config.image_size) * int(self.codec.spatial_downsample)
 
     @torch.inference_mode()
     def generate_tensor(
@@ -63,25 +80,37 @@ class TextToImage:
         solver: str = "euler",
         batch_size: int = 32,
         autocast_dtype: torch.dtype | None = None,
+        frames: int = 1,
+        height: int | None = None,
+        width: int | None = None,
     ) -> torch.Tensor:
-        """Images as [B,C,H,W] floats in [-1,1]. Same prompts + seed -> same images."""
+        """Pixels in [-1,1]: [B,C,H,W] images when frames == 1, else [B,C,T,H,W] clips.
+
+        `frames`, `height`, `width` are pixel sizes (default: one frame at the trained image
+        size); they must fit the latent space (1 + a multiple of the temporal downsampling,
+        multiples of the spatial downsampling). Same prompts + seed -> same output.
+        """
         embeddings = prompts if isinstance(prompts, TextEmbeddings) else self.text_encoder.encode(list(prompts))
         generator = torch.Generator().manual_seed(seed)
         config = self.model.config
+        height, width = height or self.image_size, width or self.image_size
+        _, latent_frames, latent_height, latent_width = self.codec.latent_shape(frames, height, width)
         outputs = []
         for start in range(0, len(embeddings), batch_size):
             chunk = embeddings.select(slice(start, start + batch_size))
-            shape = (len(chunk), config.in_channels, config.image_size, config.image_size)
-            outputs.append(sample(
+            shape = (len(chunk), config.in_channels, latent_frames, latent_height, latent_width)
+            latents = sample(
                 self.model, chunk.tokens, chunk.mask, chunk.pooled,
                 self.null_text.tokens, self.null_text.mask, self.null_text.pooled,
                 steps=steps, guidance_scale=guidance, generator=generator, shape=shape, solver=solver,
                 autocast_dtype=autocast_dtype,
-            ))
-        return torch.cat(outputs).clamp(-1, 1)
+            )
+            outputs.append(self.codec.decode(latents))  # [b, 3, T, H, W]
+        pixels = torch.cat(outputs).clamp(-1, 1)
+        return pixels[:, :, 0] if frames == 1 else pixels
 
     def __call__(self, prompts: Sequence[str], **kwargs: Any) -> np.ndarray:
-        """Images as [B,H,W,3] uint8 (see `generate_tensor` for the options)."""
+        """[B,H,W,3] uint8 images, or [B,T,H,W,3] clips with frames > 1 (options: `generate_tensor`)."""
         return to_uint8(self.generate_tensor(prompts, **kwargs))
 
 

@@ -1,4 +1,15 @@
-"""Lightning training of a :class:`~models.dit.DiT` with flow matching, EMA and caption dropout."""
+"""Lightning training of a :class:`~models.dit.DiT` with flow matching, EMA and caption dropout.
+
+A training batch is ``{"groups": [group, ...]}``: each group holds samples of one shape (one
+aspect bucket of images, or one bucket of clips), so one optimiser step can mix images and
+videos (Movie Gen's joint T2I + T2V training) while every forward pass stays a dense tensor:
+
+    group = {"x": [B, C, T, H, W] latents (T = 1 for images), "text_tokens": [B, L, D],
+             "text_mask": [B, L] bool, "text_pooled": [B, D], "media": "image" | "video"}
+
+The step's loss is the sample-weighted mean over its groups. Which samples a step draws is a
+function of (seed, step) only (:class:`StepPlan`), which is what makes resume exact.
+"""
 
 from __future__ import annotations
 
@@ -125,13 +136,27 @@ class FlowMatchingModule(lightning.LightningModule):
         pooled = torch.where(drop[:, None], self.null_pooled.to(pooled.dtype), pooled)
         return tokens, mask, pooled
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Flow-matching loss at logit-normal t with caption dropout; logs train/loss."""
-        tokens, mask, pooled = self._apply_caption_dropout(
-            batch["text_tokens"], batch["text_mask"].bool(), batch["text_pooled"]
-        )
-        loss = flow_matching_loss(self.model, batch["image"], tokens, mask, pooled, self.flow)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+    def _group_loss(self, group: dict[str, Any], t: float | None = None,
+                    generator: torch.Generator | None = None, dropout: bool = False) -> torch.Tensor:
+        """Flow-matching loss of one same-shape group (fixed t and generator for validation)."""
+        tokens, mask, pooled = group["text_tokens"], group["text_mask"].bool(), group["text_pooled"]
+        if dropout:
+            tokens, mask, pooled = self._apply_caption_dropout(tokens, mask, pooled)
+        x = group["x"]
+        t_batch = None if t is None else torch.full((x.shape[0],), float(t), device=x.device)
+        return flow_matching_loss(self.model, x, tokens, mask, pooled, self.flow, generator=generator, t=t_batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Sample-weighted flow-matching loss over the step's groups; logs train/loss and per-media losses."""
+        groups = batch["groups"]
+        sizes = [g["x"].shape[0] for g in groups]
+        total = sum(sizes)
+        loss = torch.zeros((), device=groups[0]["x"].device)
+        for group, size in zip(groups, sizes):
+            group_loss = self._group_loss(group, dropout=True)
+            loss = loss + group_loss * (size / total)
+            self.log(f"train/loss_{group.get('media', 'image')}", group_loss, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=total)
         return loss
 
     def _validation_times(self) -> torch.Tensor:
@@ -141,32 +166,24 @@ class FlowMatchingModule(lightning.LightningModule):
         u = self.flow.logit_normal_mean + self.flow.logit_normal_std * torch.special.ndtri(probs)
         return torch.sigmoid(u).float()  # [k]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss averaged over fixed timesteps with noise from a per-batch fixed seed; logs val/loss.
 
         Deterministic for a given model and batch, so changes in val/loss reflect the weights
-        rather than sampling noise, which is what early stopping needs.
+        rather than sampling noise, which is what early stopping needs. A validation batch may
+        hold several groups (image and video); each is logged as val/loss_<media> too.
         """
-        images = batch["image"]
-        B = images.shape[0]
         generator = torch.Generator(device="cpu").manual_seed(1_000_003 + batch_idx)
-        losses = []
-        for t in self._validation_times():
-            t_batch = torch.full((B,), float(t), device=images.device)
-            losses.append(
-                flow_matching_loss(
-                    self.model,
-                    images,
-                    batch["text_tokens"],
-                    batch["text_mask"].bool(),
-                    batch["text_pooled"],
-                    self.flow,
-                    generator=generator,
-                    t=t_batch,
-                )
-            )
-        loss = torch.stack(losses).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
+        groups = batch["groups"]
+        total = sum(g["x"].shape[0] for g in groups)
+        loss = torch.zeros((), device=groups[0]["x"].device)
+        for group in groups:
+            size = group["x"].shape[0]
+            group_loss = torch.stack([self._group_loss(group, t=float(t), generator=generator)
+                                      for t in self._validation_times()]).mean()
+            loss = loss + group_loss * (size / total)
+            self.log(f"val/loss_{group.get('media', 'image')}", group_loss, batch_size=size, sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=total, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -228,19 +245,24 @@ class FlowMatchingModule(lightning.LightningModule):
         solver: Literal["euler", "heun"] = "euler",
         schedule: Literal["linear_quadratic", "uniform"] = "linear_quadratic",
         autocast_dtype: torch.dtype | None = None,
+        frames: int = 1,
+        height: int | None = None,
+        width: int | None = None,
     ) -> torch.Tensor:
-        """Sample images [B,C,H,W] in [-1,1] with the EMA model and classifier-free guidance.
+        """Sample latents [B,C,T,H,W] with the EMA model and classifier-free guidance.
 
-        The seed drives a CPU generator, so a seed gives the same images on any device.
+        `frames`, `height`, `width` are latent sizes (default: 1 frame of the config's
+        image_size). The seed drives a CPU generator, so a seed gives the same samples on any
+        device. Unclamped: latents are not bounded; decode them with the latent codec.
         """
         device = self.null_tokens.device
         tokens = captions_embeddings.tokens.to(device).float()
         mask = captions_embeddings.mask.to(device).bool()
         pooled = captions_embeddings.pooled.to(device).float()
         cfg = self.model_config
-        shape = (tokens.shape[0], cfg.in_channels, cfg.image_size, cfg.image_size)
+        shape = (tokens.shape[0], cfg.in_channels, frames, height or cfg.image_size, width or cfg.image_size)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        images = sample(
+        return sample(
             self.ema,
             tokens,
             mask,
@@ -256,97 +278,94 @@ class FlowMatchingModule(lightning.LightningModule):
             schedule=schedule,
             autocast_dtype=autocast_dtype,
         )
-        return images.clamp(-1.0, 1.0)
 
 
-class CaptionedImageDataset(torch.utils.data.Dataset):
-    """In-memory images (uint8 [N,C,H,W]) with precomputed caption embeddings, one per image.
+def _step_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of `parts` (independent of the global RNG and of other streams)."""
+    digest = hashlib.sha256(":".join(str(p) for p in ("reelforge-batches", *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-    Items are dicts in the :class:`FlowMatchingModule` batch format; images become float in [-1,1].
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One same-shape group of training samples, as the step planner sees it."""
+
+    stream: str  # "image" or "video": every step draws one group of each stream in the plan
+    size: int  # number of samples in the group
+    weights: tuple[float, ...] | None = None  # per-sample draw weights (None = uniform)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"group of stream {self.stream!r} is empty")
+        if self.weights is not None:
+            weights = torch.as_tensor(self.weights, dtype=torch.float64)
+            if weights.shape != (self.size,) or not torch.isfinite(weights).all() or (weights < 0).any() \
+                    or weights.sum() <= 0:
+                raise ValueError(f"weights must be {self.size} finite non-negative numbers with a positive sum")
+
+
+class StepPlan:
+    """Which samples optimiser step t trains on, as a function of (seed, t) only.
+
+    For each stream (``image``, ``video``) with a batch size, a step picks one of the stream's
+    groups (aspect buckets) with probability proportional to the group's total weight, then
+    ``batch_size`` samples of it in proportion to their weights (curation's concept-balancing
+    ``sample_weight``; uniform without), without replacement within the step unless the group
+    is smaller than the batch. Nothing depends on earlier steps, so a run resumed at step k
+    draws exactly what an uninterrupted run drew from step k on, whatever Lightning does with
+    epochs or workers.
     """
 
-    def __init__(self, images: torch.Tensor, text: TextBatch) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {list(images.shape)}")
-        n = images.shape[0]
-        if not (text.tokens.shape[0] == text.mask.shape[0] == text.pooled.shape[0] == n):
-            raise ValueError(
-                f"need one caption per image: {n} images, tokens {text.tokens.shape[0]}, "
-                f"mask {text.mask.shape[0]}, pooled {text.pooled.shape[0]}"
-            )
-        self.images = images
-        self.tokens = text.tokens.float()
-        self.mask = text.mask.bool()
-        self.pooled = text.pooled.float()
+    def __init__(self, groups: Sequence[GroupSpec], batch_sizes: dict[str, int], seed: int) -> None:
+        self.groups, self.seed = list(groups), seed
+        self.batch_sizes = {stream: size for stream, size in sorted(batch_sizes.items()) if size > 0}
+        if not self.batch_sizes:
+            raise ValueError("a step needs a positive batch size for at least one stream")
+        self._members: dict[str, list[int]] = {}
+        self._group_weights: dict[str, torch.Tensor] = {}
+        self._sample_weights: list[torch.Tensor] = []
+        for index, group in enumerate(self.groups):
+            weights = torch.ones(group.size, dtype=torch.float64) if group.weights is None else \
+                torch.as_tensor(group.weights, dtype=torch.float64)
+            self._sample_weights.append(weights)
+            self._members.setdefault(group.stream, []).append(index)
+        for stream in self.batch_sizes:
+            if stream not in self._members:
+                raise ValueError(f"no {stream} samples to draw from (groups: {sorted(self._members)})")
+            self._group_weights[stream] = torch.stack([self._sample_weights[i].sum() for i in self._members[stream]])
 
-    def __len__(self) -> int:
-        """Number of samples."""
-        return self.images.shape[0]
+    def step(self, step: int) -> list[tuple[int, list[int]]]:
+        """[(group index, sample indices)] for optimiser step `step` (0-based), one entry per stream."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        plan = []
+        for stream, batch_size in self.batch_sizes.items():
+            generator = _step_generator(self.seed, stream, step)
+            members = self._members[stream]
+            choice = int(torch.multinomial(self._group_weights[stream], 1, generator=generator))
+            group = members[choice]
+            weights = self._sample_weights[group]
+            replacement = batch_size > int((weights > 0).sum())
+            indices = torch.multinomial(weights, batch_size, replacement=replacement, generator=generator)
+            plan.append((group, indices.tolist()))
+        return plan
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        """One sample: image [C,H,W] in [-1,1], text_tokens [L,D], text_mask [L], text_pooled [D]."""
-        return {
-            "image": self.images[index].float() / 127.5 - 1.0,
-            "text_tokens": self.tokens[index],
-            "text_mask": self.mask[index],
-            "text_pooled": self.pooled[index],
-        }
 
+class StepSampler(torch.utils.data.Sampler[int]):
+    """Endless optimiser-step numbers from `start_step`; pair with a dataset indexed by step.
 
-class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Endless batches of indices where the batch for optimiser step t depends only on (seed, t).
-
-    Step t belongs to epoch t // batches_per_epoch, whose order is drawn from (seed, epoch) (a
-    permutation, or weighted draws: see below); incomplete final batches are dropped. Iteration starts at `start_step`, so a
-    run resumed at step k sees exactly the batches an uninterrupted run saw from step k on,
-    whatever Lightning does with epochs: the sampler has no length, so Lightning runs one
-    endless epoch bounded by max_steps instead of restarting an epoch from its first batch
-    (which is what it does on a mid-epoch resume with a plain DataLoader).
-
-    With `weights` (e.g. curation's concept-balancing weights, proportional to 1/sqrt(cluster
-    size)), an epoch is `num_samples` draws with replacement in proportion to the weights
-    instead of a permutation; still a function of (seed, epoch) only.
+    Having no length, it makes Lightning run one endless epoch bounded by max_steps instead of
+    restarting an epoch from its first batch on a mid-epoch resume.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, start_step: int = 0,
-                 weights: Sequence[float] | None = None) -> None:
-        if batch_size < 1 or num_samples < batch_size:
-            raise ValueError(f"need 1 <= batch_size <= num_samples, got batch_size={batch_size}, "
-                             f"num_samples={num_samples}")
+    def __init__(self, start_step: int = 0) -> None:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
-        self.batches_per_epoch = num_samples // batch_size
-        self.weights = None
-        if weights is not None:
-            tensor = torch.as_tensor(list(weights), dtype=torch.float64)
-            if tensor.shape != (num_samples,) or not torch.isfinite(tensor).all() or (tensor < 0).any() or tensor.sum() <= 0:
-                raise ValueError(f"weights must be {num_samples} finite non-negative numbers with a positive sum")
-            self.weights = tensor
+        self.start_step = start_step
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The sample indices of `epoch`: a permutation, or weighted draws (independent of the global RNG)."""
-        # Hash (seed, epoch) rather than add them, so different seeds never share epoch orders.
-        digest = hashlib.sha256(f"reelforge-batches:{self.seed}:{epoch}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        if self.weights is not None:
-            return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def batch(self, step: int) -> list[int]:
-        """Sample indices of the batch used by optimiser step `step` (0-based)."""
-        epoch, position = divmod(step, self.batches_per_epoch)
-        start = position * self.batch_size
-        return self.epoch_order(epoch)[start : start + self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """Batches for steps start_step, start_step+1, ... without end."""
+    def __iter__(self) -> Iterator[int]:
+        """start_step, start_step + 1, ... without end."""
         step = self.start_step
-        order, order_epoch = None, -1
         while True:
-            epoch, position = divmod(step, self.batches_per_epoch)
-            if epoch != order_epoch:  # one permutation per epoch, not per batch
-                order, order_epoch = self.epoch_order(epoch), epoch
-            start = position * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
+            yield step
             step += 1

@@ -19,12 +19,16 @@ import yaml
 
 from components.config import RecipeError, available_recipes, load_recipe
 
-# verb -> (stage name, {flag: input name}, output name or None, help)
+# verb -> (stage name, {flag: input name; a trailing '?' = optional}, output name or None, help)
 STAGE_VERBS: dict[str, tuple[str, dict[str, str], str | None, str]] = {
     "ingest": ("ingest", {}, "raw_dataset", "copy a source's files and captions into raw shards + manifest"),
     "curate": ("curate", {"--raw": "raw_dataset"}, "dataset", "decode, validate, filter, dedup and shard"),
-    "pretrain": ("pretrain", {"--dataset": "dataset"}, "model", "train the flow-matching model"),
-    "quality-tune": ("quality_tune", {"--dataset": "dataset", "--base-model": "base_model"}, "model",
+    "autoencoder": ("autoencoder", {"--dataset": "dataset"}, "autoencoder",
+                    "train the image/video autoencoder (or record pixel space, autoencoder.kind=pixel)"),
+    "pretrain": ("pretrain", {"--dataset": "dataset", "--autoencoder": "autoencoder?", "--base-model": "base_model?"},
+                 "model", "train one pretraining stage of the flow-matching model (--stage NAME)"),
+    "quality-tune": ("quality_tune", {"--dataset": "dataset", "--base-model": "base_model",
+                                      "--autoencoder": "autoencoder?"}, "model",
                      "fine-tune on the highest-quality samples"),
     "evaluate": ("evaluate", {"--dataset": "dataset", "--pretrained": "pretrained", "--tuned": "tuned"},
                  "evaluation", "compare the pretrained and tuned models on the prompt set"),
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     run = verbs.add_parser("run", help="run a pipeline locally (KFP local runner, SQLite MLflow)",
-                           description="Run the training pipeline (ingest -> curate -> pretrain -> quality_tune -> "
+                           description="Run the training pipeline (ingest -> curate -> autoencoder -> pretrain-<stage>... -> quality_tune -> "
                            "evaluate -> register) or the curation pipeline (ingest -> ParallelFor over raw shards "
                            "-> global merge/dedup) through kfp.local on this machine.")
     _add_recipe_args(run)
@@ -86,12 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=f"run the {stage} stage alone: {help_text}")
         _add_recipe_args(sub)
         for flag, input_name in input_flags.items():
-            sub.add_argument(flag, dest=f"input_{input_name}", type=Path, required=True,
-                             help=f"{input_name.replace('_', ' ')} directory")
+            optional = input_name.endswith("?")
+            input_name = input_name.rstrip("?")
+            sub.add_argument(flag, dest=f"input_{input_name}", type=Path, required=not optional, default=None,
+                             help=f"{input_name.replace('_', ' ')} directory" + (
+                                 " (the autoencoder stage's output; omit for pixel space)" if input_name == "autoencoder"
+                                 else " (the previous stage's model; needed by every stage after the first)"
+                                 if input_name == "base_model" and stage == "pretrain" else ""))
         if output:
             sub.add_argument("--out", type=Path, required=True, help=f"output {output.replace('_', ' ')} directory")
         if stage == "ingest":
             sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> (default: the recipe's)")
+        if stage == "pretrain":
+            sub.add_argument("--stage", default="", help="which entry of pretrain.stages to train (default: the first)")
         sub.add_argument("--workdir", type=Path, default=Path("work"),
                          help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
     return parser
@@ -170,11 +181,8 @@ def _print_summary(result: Any) -> None:
     for key, value in sorted(summary.items()):
         if key.startswith("metric."):
             table.add_row(key.removeprefix("metric."), f"{value:.4g}" if isinstance(value, float) else str(value))
-    from pipelines.training import STAGE_ORDER
-
-    for stage in STAGE_ORDER:
-        if stage in result.stage_seconds:
-            table.add_row(f"{stage} time", f"{result.stage_seconds[stage]:.1f} s")
+    for run_name, seconds in result.stage_seconds.items():  # in the order the stages ran
+        table.add_row(f"{run_name} time", f"{seconds:.1f} s")
     table.add_row("total", f"{result.seconds:.1f} s")
     console.print(table)
 
@@ -242,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
 
     stage, input_flags, output, _ = STAGE_VERBS[args.verb]
     tracking.configure(args.workdir)
-    inputs = {name: getattr(args, f"input_{name}") for name in input_flags.values()}
+    inputs = {name.rstrip("?"): getattr(args, f"input_{name.rstrip('?')}") for name in input_flags.values()}
+    inputs = {name: path for name, path in inputs.items() if path is not None}
     for name, path in inputs.items():
         if not path.is_dir():
             print(f"error: {name} {path} is not a directory", file=sys.stderr)
             return 2
     outputs = {output: args.out} if output else {}
     options = {"source": args.source} if stage == "ingest" else {}
+    if stage == "pretrain":
+        options = {"stage": args.stage or recipe.pretrain.resolved_stages()[0].name}
     from pipelines.local import git_commit
 
     result = execute(stage, recipe, inputs, outputs, RunContext(git_commit=git_commit()), **options)

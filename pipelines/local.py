@@ -68,7 +68,7 @@ def _stage_seconds(experiment: str, parent_run_id: str) -> dict[str, float]:
         return {}
     runs = client.search_runs([found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     seconds = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         stage = run.data.tags.get(tracking.STAGE_TAG, run.info.run_name)
         if run.info.end_time and run.info.start_time:
             seconds[stage] = (run.info.end_time - run.info.start_time) / 1000

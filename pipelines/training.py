@@ -1,4 +1,8 @@
-"""The training pipeline: ingest -> curate -> pretrain -> quality_tune -> evaluate -> register.
+"""The training pipeline: ingest -> curate -> autoencoder -> pretrain-<stage>... -> quality_tune -> evaluate -> register.
+
+Pretraining is one task per recipe stage (`pretrain.stages`), each continuing from the
+previous stage's model, so the KFP UI shows T2I, joint T2I+T2V and higher-resolution stages
+as separate tasks with their own logs, metrics and retry.
 
 Every task is a lightweight Python component whose body only calls the stage's runner
 (`components.<stage>.component`); the work happens in `components.<stage>.stage.run`. Tasks
@@ -17,16 +21,19 @@ from components.config import Recipe
 from components.curate.component import curate
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
-from components.pretrain.component import pretrain
+from components.autoencoder.component import autoencoder
+from components.pretrain.component import pretrain, pretrain_continue
 from components.quality_tune.component import quality_tune
 from components.register.component import register
 
 PIPELINE_NAME = "reelforge-training"
-STAGE_ORDER = ["ingest", "curate", "pretrain", "quality_tune", "evaluate", "register"]
+STAGE_ORDER = ["ingest", "curate", "autoencoder", "pretrain", "quality_tune", "evaluate", "register"]
 _FACES = {
     "ingest": ingest,
     "curate": curate,
+    "autoencoder": autoencoder,
     "pretrain": pretrain,
+    "pretrain_continue": pretrain_continue,
     "quality_tune": quality_tune,
     "evaluate": evaluate,
     "register": register,
@@ -47,11 +54,14 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
     """The training pipeline function for `recipe` (its JSON is the `recipe` parameter default)."""
     ops = component_ops(image or recipe.image)
     default_recipe = recipe.to_json()
+    # The DAG's shape (one task per pretraining stage) is fixed at compile time from this recipe;
+    # a recipe edited in the KFP UI may change values, not the list of stages.
+    recipe_obj = recipe
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="reelforge: curate data, pretrain a flow-matching text-to-image model, "
-        "quality-tune, evaluate side by side and register in MLflow.",
+        description="reelforge: curate data, train the latent autoencoder, pretrain a flow-matching text-to-image/"
+        "video model in stages, quality-tune, evaluate side by side and register in MLflow.",
     )
     def training_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> str:
         common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -59,16 +69,30 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
         ingest_task = ops["ingest"](source=source, **common).set_display_name("ingest")
         curate_task = ops["curate"](raw_dataset=ingest_task.outputs["raw_dataset"], **common).set_display_name("curate")
         dataset = curate_task.outputs["dataset"]
-        pretrain_task = ops["pretrain"](dataset=dataset, **common).set_display_name("pretrain")
-        tune_task = ops["quality_tune"](dataset=dataset, base_model=pretrain_task.outputs["model"], **common)
+        latent_task = ops["autoencoder"](dataset=dataset, **common)
+        latent_task.set_display_name("autoencoder" if recipe_obj.autoencoder.kind == "vae" else "autoencoder (pixel space)")
+        latent = latent_task.outputs["autoencoder"]
+        tasks = [ingest_task, curate_task, latent_task]
+        previous = None
+        for stage in recipe_obj.pretrain.resolved_stages():
+            if previous is None:
+                task = ops["pretrain"](stage=stage.name, dataset=dataset, autoencoder=latent, **common)
+            else:
+                task = ops["pretrain_continue"](stage=stage.name, dataset=dataset, autoencoder=latent,
+                                                base_model=previous.outputs["model"], **common)
+            task.set_display_name(f"pretrain-{stage.name}")
+            tasks.append(task)
+            previous = task
+        pretrained = previous.outputs["model"]
+        tune_task = ops["quality_tune"](dataset=dataset, autoencoder=latent, base_model=pretrained, **common)
         tune_task.set_display_name("quality-tune")
-        eval_task = ops["evaluate"](dataset=dataset, pretrained=pretrain_task.outputs["model"],
+        eval_task = ops["evaluate"](dataset=dataset, pretrained=pretrained,
                                     tuned=tune_task.outputs["model"], **common).set_display_name("evaluate")
         register_task = ops["register"](model=tune_task.outputs["model"], dataset=dataset,
                                         evaluation=eval_task.outputs["evaluation"], **common)
         register_task.set_display_name("register")
-        for name, task in zip(STAGE_ORDER, [ingest_task, curate_task, pretrain_task, tune_task, eval_task, register_task]):
-            task.set_caching_options(name in _CACHED_ON_CLUSTER)
+        for task in tasks + [tune_task, eval_task, register_task]:
+            task.set_caching_options(task.component_spec.name.replace("-", "_") in _CACHED_ON_CLUSTER)
         return register_task.output
 
     return training_pipeline

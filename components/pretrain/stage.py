@@ -1,4 +1,10 @@
-"""Pretrain: flow-matching training of the text-to-image transformer on the curated train split."""
+"""Pretrain: flow-matching training of the text-to-image/video transformer, one recipe stage at a time.
+
+Movie Gen pretrains in stages (T2I at low resolution -> joint T2I + T2V -> higher resolution).
+Each entry of `pretrain.stages` is one run of this stage (one KFP task, `pretrain-<name>`):
+the first starts from the recipe's model preset, every later one from the previous stage's
+weights, in the latent space of the autoencoder stage's output.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,60 @@ from pathlib import Path
 
 from components.config import Recipe
 from components.storage import dataset_hash
-from components.training import TrainResult, train
+from components.training import TrainResult, TrainSpec, train
+
+_MEDIA = {"image": ("image",), "video": ("video",), "joint": ("image", "video")}
 
 
-def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker) -> TrainResult:
-    """Train from scratch (the recipe's model preset) and write the Model artifact to `output_dir`."""
-    return train("pretrain", recipe, recipe.pretrain, Path(dataset_dir), Path(output_dir), tracker,
-                 lineage={"dataset_sha256": dataset_hash(dataset_dir)})
+def spec(recipe: Recipe, stage_name: str) -> TrainSpec:
+    """The training spec of pretraining stage `stage_name` (the recipe's stage, section values as defaults)."""
+    stage = recipe.pretrain.stage(stage_name)
+    media = _MEDIA[stage.media]
+    return TrainSpec(stage=f"pretrain-{stage.name}", config=recipe.pretrain.train_config(stage.name), media=media,
+                     resolution=stage.resolution, frames=stage.frames if "video" in media else 1,
+                     video_batch_size=stage.video_batch_size if "video" in media else 0)
 
 
-def stage(recipe, inputs, outputs, tracker, context, **_: object):
-    """Tracking glue for the runner: train on `inputs['dataset']` into `outputs['model']`."""
-    result = run(recipe, inputs["dataset"], outputs["model"], tracker)
-    return training_output("pretrain", result)
+def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker, stage_name: str | None = None,
+        autoencoder_dir: Path | None = None, base_model_dir: Path | None = None) -> TrainResult:
+    """Train one pretraining stage (default: the first) and write the Model artifact to `output_dir`."""
+    stages = recipe.pretrain.resolved_stages()
+    stage_name = stage_name or stages[0].name
+    names = [s.name for s in stages]
+    position = names.index(recipe.pretrain.stage(stage_name).name)
+    if position > 0 and base_model_dir is None:
+        raise ValueError(f"pretrain stage '{stage_name}' continues from stage '{names[position - 1]}': "
+                         "pass its model (--base-model)")
+    lineage = {"dataset_sha256": dataset_hash(dataset_dir), "pretrain_stage": stage_name,
+               "pretrain_stages": names}
+    return train(spec(recipe, stage_name), recipe, Path(dataset_dir), Path(output_dir), tracker,
+                 codec_dir=Path(autoencoder_dir) if autoencoder_dir else None,
+                 init_dir=Path(base_model_dir) if base_model_dir else None, lineage=lineage)
+
+
+def stage(recipe, inputs, outputs, tracker, context, stage: str = "", **_: object):
+    """Tracking glue for the runner: train stage `stage` on `inputs['dataset']` into `outputs['model']`."""
+    result = run(recipe, inputs["dataset"], outputs["model"], tracker, stage_name=stage or None,
+                 autoencoder_dir=inputs.get("autoencoder"), base_model_dir=inputs.get("base_model"))
+    name = f"pretrain-{stage}" if stage else "pretrain"
+    return training_output(name, result)
 
 
 def training_output(stage_name: str, result: TrainResult):
-    """The runner output shared by both training stages."""
+    """The runner output shared by the training stages."""
     from components.runner import StageOutput
 
     metrics = {
         f"{stage_name}.final_train_loss": result.final_train_loss,
         f"{stage_name}.val_loss": result.val_loss,
-        f"{stage_name}.images_per_second": result.images_per_second,
+        f"{stage_name}.frames_per_second": result.images_per_second,
         f"{stage_name}.train_seconds": result.seconds,
+        f"{stage_name}.steps": result.steps,
     }
     metadata = {"stage": stage_name, "steps": result.steps, "val_loss": result.val_loss,
                 "train_samples": result.train_samples, "framework": "pytorch-lightning", "format": "safetensors"}
+    if result.averaged_steps:
+        metadata["averaged_steps"] = ",".join(str(s) for s in result.averaged_steps)
     return StageOutput(metadata=metadata, metrics=metrics,
-                       artifacts=[result.directory / "config.json", result.directory / "state.json"])
+                       artifacts=[result.directory / "config.json", result.directory / "state.json"],
+                       tags={f"{stage_name}.stopped_early": str(result.stopped_early).lower()})

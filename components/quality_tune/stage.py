@@ -17,7 +17,7 @@ from components.curate.aesthetic import review_labels
 from components.curate.balance import select_quality_tuning_set
 from components.pretrain.stage import training_output
 from components.storage import dataset_hash, read_manifest
-from components.training import TrainResult, train
+from components.training import TrainResult, TrainSpec, train
 
 
 def select(manifest: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
@@ -35,10 +35,23 @@ def select(manifest: pd.DataFrame, recipe: Recipe) -> pd.DataFrame:
     return selected
 
 
-def run(recipe: Recipe, dataset_dir: Path, base_model_dir: Path, output_dir: Path, tracker) -> tuple[TrainResult, pd.DataFrame]:
-    """Fine-tune `base_model_dir` on the selected set; returns the result and the selection."""
-    selected = select(read_manifest(dataset_dir), recipe)
-    result = train("quality_tune", recipe, recipe.quality_tune, Path(dataset_dir), Path(output_dir), tracker,
+def run(recipe: Recipe, dataset_dir: Path, base_model_dir: Path, output_dir: Path, tracker,
+        autoencoder_dir: Path | None = None) -> tuple[TrainResult, pd.DataFrame]:
+    """Fine-tune `base_model_dir` on the selected set; returns the result and the selection.
+
+    Images only, at the curated resolution: Emu's quality-tuning set is images. With
+    `quality_tune.early_stopping_patience` the run stops when val/loss stops improving, and
+    with `average_last` the final weights are the mean of the last validation points' EMA.
+    """
+    config = recipe.quality_tune
+    manifest = read_manifest(dataset_dir)
+    if "media" in manifest.columns:
+        manifest = manifest[manifest["media"] == "image"]
+    selected = select(manifest, recipe)
+    spec = TrainSpec(stage="quality_tune", config=config, media=("image",),
+                     early_stopping_patience=config.early_stopping_patience, average_last=config.average_last)
+    result = train(spec, recipe, Path(dataset_dir), Path(output_dir), tracker,
+                   codec_dir=Path(autoencoder_dir) if autoencoder_dir else None,
                    init_dir=Path(base_model_dir), train_ids=set(selected["id"]),
                    lineage={"dataset_sha256": dataset_hash(dataset_dir), "selected_samples": len(selected)})
     return result, selected
@@ -46,7 +59,8 @@ def run(recipe: Recipe, dataset_dir: Path, base_model_dir: Path, output_dir: Pat
 
 def stage(recipe, inputs, outputs, tracker, context, **_: object):
     """Tracking glue for the runner: tune `inputs['base_model']` on `inputs['dataset']`."""
-    result, selected = run(recipe, inputs["dataset"], inputs["base_model"], outputs["model"], tracker)
+    result, selected = run(recipe, inputs["dataset"], inputs["base_model"], outputs["model"], tracker,
+                           autoencoder_dir=inputs.get("autoencoder"))
     selection = Path(outputs["model"]) / "quality_set.parquet"
     columns = [c for c in ["id", "caption", "category", "cluster", "qt_rank", "qt_score", *recipe.quality_tune.scores]
                if c in selected.columns]

@@ -27,7 +27,9 @@ from models.checkpoint import CHECKPOINT_STATE_FILE, CHECKPOINT_TENSORS_FILE, lo
 from tests.conftest import make_image_folder
 
 STEPS = 16  # tiny recipe: checkpoints every 4 steps, the newest 2 kept
-RECIPE_ARGS = ["--recipe", "tiny", "--set", f"pretrain.steps={STEPS}", "--set", "pretrain.precision=32-true"]
+# One pixel-space stage: the stage alone, without an autoencoder input (kept fast for the kill loop).
+RECIPE_ARGS = ["--recipe", "tiny", "--set", f"pretrain.steps={STEPS}", "--set", "pretrain.precision=32-true",
+               "--set", "autoencoder.kind=pixel", "--set", "model.overrides={}", "--set", "pretrain.stages=[]"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def _stage_run_tags(workspace, stdout: str) -> dict[str, str]:
 
 
 def test_sigkilled_pretrain_resumes_and_ends_with_the_uninterrupted_weights(workspace, uninterrupted, tmp_path):
-    reference_checkpoints = uninterrupted.parent / "checkpoints" / "pretrain"
+    reference_checkpoints = uninterrupted.parent / "checkpoints" / "pretrain-t2i"
     (key_dir,) = reference_checkpoints.iterdir()  # the fallback location, next to the output
     assert sorted(p.name for p in key_dir.glob("step-*")) == ["step-00000012", "step-00000016"]
 
@@ -97,7 +99,7 @@ def test_sigkilled_pretrain_resumes_and_ends_with_the_uninterrupted_weights(work
     deadline = time.monotonic() + 240
     try:
         # Kill as soon as the first checkpoint is complete: mid-run, mid-epoch (26 samples / batch 8).
-        while not list((tmp_path / "checkpoints" / "pretrain").glob(f"*/step-00000004/{CHECKPOINT_STATE_FILE}")):
+        while not list((tmp_path / "checkpoints" / "pretrain-t2i").glob(f"*/step-00000004/{CHECKPOINT_STATE_FILE}")):
             assert process.poll() is None, "the stage ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.002)
@@ -107,18 +109,18 @@ def test_sigkilled_pretrain_resumes_and_ends_with_the_uninterrupted_weights(work
     assert process.returncode == -signal.SIGKILL
     assert not (out / "state.json").exists(), "killed before the model artifact was written"
     assert not (out.parent / "checkpoints").exists(), "REELFORGE_CHECKPOINT_DIR decides where checkpoints go"
-    (key_dir,) = (tmp_path / "checkpoints" / "pretrain").iterdir()
+    (key_dir,) = (tmp_path / "checkpoints" / "pretrain-t2i").iterdir()
     steps = sorted(int(p.name.removeprefix("step-")) for p in key_dir.glob("step-*"))
     assert steps and steps[-1] < STEPS
 
     completed = subprocess.run(_command(workspace, out), env=env, capture_output=True, text=True, timeout=300,
                                cwd=Path(__file__).parents[2])
     assert completed.returncode == 0, completed.stderr[-3000:]
-    line = f"[pretrain] resuming from step {steps[-1]} (checkpoint {key_dir / f'step-{steps[-1]:08d}'})"
+    line = f"[pretrain-t2i] resuming from step {steps[-1]} (checkpoint {key_dir / f'step-{steps[-1]:08d}'})"
     assert line in completed.stderr
     _assert_bitwise_equal(_weights(uninterrupted), _weights(out))
     tags = _stage_run_tags(workspace, completed.stdout)
-    assert tags["pretrain.resumed"] == "true" and tags["pretrain.resumed_from_step"] == str(steps[-1])
+    assert tags["pretrain-t2i.resumed"] == "true" and tags["pretrain-t2i.resumed_from_step"] == str(steps[-1])
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, uninterrupted, tmp_path):
@@ -126,7 +128,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, 
     # kill or a bad disk would: step 16 truncated, a step-20 write that never completed.
     out = tmp_path / "model"
     shutil.copytree(uninterrupted.parent / "checkpoints", tmp_path / "checkpoints")
-    (key_dir,) = (tmp_path / "checkpoints" / "pretrain").iterdir()
+    (key_dir,) = (tmp_path / "checkpoints" / "pretrain-t2i").iterdir()
     newest = key_dir / "step-00000016" / CHECKPOINT_TENSORS_FILE
     newest.write_bytes(newest.read_bytes()[:1000])
     torn = key_dir / ".step-00000020.k1ll.tmp"
@@ -134,8 +136,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(workspace, 
     (torn / CHECKPOINT_TENSORS_FILE).write_bytes(b"\0" * 100)
 
     stderr = _pretrain(workspace, out)
-    assert f"[pretrain] ignoring checkpoint: {newest}" in stderr
-    assert f"[pretrain] resuming from step 12 (checkpoint {key_dir / 'step-00000012'})" in stderr
+    assert f"[pretrain-t2i] ignoring checkpoint: {newest}" in stderr
+    assert f"[pretrain-t2i] resuming from step 12 (checkpoint {key_dir / 'step-00000012'})" in stderr
     _assert_bitwise_equal(_weights(uninterrupted), _weights(out))
     assert not torn.exists(), "leftovers of interrupted writes are cleared once a new checkpoint is saved"
 
@@ -149,7 +151,8 @@ def test_finished_run_resumes_at_its_last_step_without_training(workspace, unint
     monkeypatch.delenv("REELFORGE_CACHE_DIR", raising=False)
     out = tmp_path / "model"
     shutil.copytree(uninterrupted.parent / "checkpoints", tmp_path / "checkpoints")
-    recipe = load_recipe("tiny", {"pretrain.steps": STEPS, "pretrain.precision": "32-true"})
+    recipe = load_recipe("tiny", {"pretrain.steps": STEPS, "pretrain.precision": "32-true", "autoencoder.kind": "pixel",
+                                  "model.overrides": {}, "pretrain.stages": []})
     result = execute("pretrain", recipe, {"dataset": workspace["dataset"]}, {"model": out})
     assert result.metadata["steps"] == STEPS
     _assert_bitwise_equal(_weights(uninterrupted), _weights(out))
@@ -157,7 +160,7 @@ def test_finished_run_resumes_at_its_last_step_without_training(workspace, unint
     state = json.loads((out / "state.json").read_text())
     assert state["step"] == STEPS and state["metrics"]["train_loss"] == reference_state["metrics"]["train_loss"]
     tags = _stage_run_tags(workspace, json.dumps(result.metadata))
-    assert tags["pretrain.resumed"] == "true" and tags["pretrain.resumed_from_step"] == str(STEPS)
+    assert tags["pretrain-t2i.resumed"] == "true" and tags["pretrain-t2i.resumed_from_step"] == str(STEPS)
 
 
 def test_one_trainer_per_checkpoint_directory(tmp_path):

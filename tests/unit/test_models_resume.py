@@ -11,41 +11,21 @@ import torch
 from models.checkpoint import CHECKPOINT_TENSORS_FILE, list_training_checkpoints, load_weights
 from models.flow import FlowMatchingConfig
 from models.resume import PeriodicCheckpoint, SafetensorsCheckpointIO, capture_rng_state, restore_rng_state
-from models.training import FlowMatchingModule, OptimConfig, StepBatchSampler
-from tests.unit.test_models_training import CONFIG, _toy_dataset
+from models.training import FlowMatchingModule, GroupSpec, OptimConfig, StepPlan
+from tests.unit.test_models_training import CONFIG, ToySteps, _step_loader
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_step_batch_sampler_is_a_function_of_seed_and_step():
-    sampler = StepBatchSampler(num_samples=10, batch_size=3, seed=5)
-    assert sampler.batches_per_epoch == 3  # the incomplete fourth batch is dropped
-    stream = iter(sampler)
-    first = [next(stream) for _ in range(9)]
-    assert first == [sampler.batch(t) for t in range(9)]
-    for epoch in range(3):
-        seen = sum(first[3 * epoch : 3 * epoch + 3], [])
-        assert len(set(seen)) == 9 and set(seen) <= set(range(10))  # no repeats within an epoch
-    assert first[:3] != first[3:6]  # a new order every epoch
-    torch.manual_seed(123)  # the global RNG plays no part
-    resumed = iter(StepBatchSampler(10, 3, seed=5, start_step=4))
-    assert [next(resumed) for _ in range(5)] == first[4:9]
-    assert sampler.batch(0) != StepBatchSampler(10, 3, seed=6).batch(0)
-    with pytest.raises(ValueError):
-        StepBatchSampler(2, 3, seed=0)
-
-
-def test_weighted_sampler_balances_concepts_and_still_resumes_exactly():
+def test_weighted_plan_balances_concepts_and_still_resumes_exactly():
     # 90 samples of one concept, 10 of another; 1/sqrt(size) weights (as curation writes them).
-    weights = [1 / 90**0.5] * 90 + [1 / 10**0.5] * 10
-    sampler = StepBatchSampler(100, 10, seed=3, weights=weights)
-    drawn = torch.tensor(sum((sampler.batch(t) for t in range(400)), []))
+    weights = tuple([1 / 90**0.5] * 90 + [1 / 10**0.5] * 10)
+    plan = StepPlan([GroupSpec("image", 100, weights)], {"image": 10}, seed=3)
+    drawn = torch.tensor(sum((plan.step(t)[0][1] for t in range(400)), []))
     rare_share = float((drawn >= 90).float().mean())
-    assert 0.22 < rare_share < 0.28  # sqrt(10) / (sqrt(90) + sqrt(10)) = 0.25, vs 0.10 uniform
-    resumed = iter(StepBatchSampler(100, 10, seed=3, start_step=37, weights=weights))
-    assert [next(resumed) for _ in range(5)] == [sampler.batch(t) for t in range(37, 42)]
-    with pytest.raises(ValueError):
-        StepBatchSampler(3, 1, seed=0, weights=[1.0, -1.0, 1.0])
+    assert 0.2 < rare_share < 0.3  # ~sqrt(10) / (sqrt(90) + sqrt(10)) = 0.25, vs 0.10 uniform
+    again = StepPlan([GroupSpec("image", 100, weights)], {"image": 10}, seed=3)
+    assert [again.step(t) for t in range(37, 42)] == [plan.step(t) for t in range(37, 42)]
 
 
 def test_rng_state_round_trip():
@@ -80,9 +60,8 @@ def _fit(root, max_steps: int, start_step: int = 0, ckpt_path=None, crash_at: in
     """Train the toy task like components.training does: step-indexed batches, periodic checkpoints."""
     torch.backends.mkldnn.deterministic = True
     lightning.seed_everything(0, verbose=False)
-    dataset = _toy_dataset(repeats=7)  # 14 samples, batch 4: 3 steps per epoch, so step 4 is mid-epoch
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatchSampler(len(dataset), 4, 0, start_step),
-                                         generator=torch.Generator().manual_seed(0))
+    dataset = ToySteps(repeats=7, batch_size=4)  # 14 samples, 4 per step
+    loader = _step_loader(dataset, start_step)
     module = FlowMatchingModule(CONFIG, FlowMatchingConfig(), OptimConfig(lr=3e-3, warmup_steps=3, caption_dropout=0.3))
     callbacks = [PeriodicCheckpoint(root, every=2, keep=2)] + ([_Crash(crash_at)] if crash_at else [])
     trainer = lightning.Trainer(accelerator="cpu", precision="32-true", max_steps=max_steps, logger=False,

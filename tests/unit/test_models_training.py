@@ -9,7 +9,7 @@ import torch
 from models.dit import PRESETS
 from models.flow import FlowMatchingConfig
 from models.text_encoder import TextEmbeddings
-from models.training import CaptionedImageDataset, FlowMatchingModule, OptimConfig
+from models.training import FlowMatchingModule, GroupSpec, OptimConfig, StepPlan
 
 CONFIG = PRESETS["tiny"]
 
@@ -36,12 +36,32 @@ def _toy_images() -> torch.Tensor:
     return images
 
 
-def _toy_dataset(repeats: int = 4) -> CaptionedImageDataset:
-    text = _toy_text()
-    repeated = TextEmbeddings(
-        text.tokens.repeat(repeats, 1, 1), text.mask.repeat(repeats, 1), text.pooled.repeat(repeats, 1)
-    )
-    return CaptionedImageDataset(_toy_images().repeat(repeats, 1, 1, 1), repeated)
+class ToySteps(torch.utils.data.Dataset):
+    """The toy images as 1-frame videos, batched per optimiser step by a StepPlan (the training batch format)."""
+
+    def __init__(self, repeats: int = 4, batch_size: int = 8, seed: int = 0) -> None:
+        text = _toy_text()
+        self.images = _toy_images().repeat(repeats, 1, 1, 1)
+        self.tokens, self.mask, self.pooled = (t.repeat(repeats, *([1] * (t.ndim - 1)))
+                                               for t in (text.tokens, text.mask, text.pooled))
+        self.plan = StepPlan([GroupSpec("image", self.images.shape[0])], {"image": batch_size}, seed)
+
+    def batch(self, indices) -> dict:
+        """Samples `indices` in the FlowMatchingModule batch format."""
+        index = torch.as_tensor(indices)
+        x = (self.images[index].float() / 127.5 - 1.0).unsqueeze(2)  # [B, 3, 1, H, W]
+        return {"groups": [{"x": x, "text_tokens": self.tokens[index], "text_mask": self.mask[index],
+                            "text_pooled": self.pooled[index], "media": "image"}]}
+
+    def __getitem__(self, step: int) -> dict:
+        ((_, indices),) = self.plan.step(step)
+        return self.batch(indices)
+
+
+def _step_loader(dataset: ToySteps, start_step: int = 0) -> torch.utils.data.DataLoader:
+    from models.training import StepSampler
+
+    return torch.utils.data.DataLoader(dataset, sampler=StepSampler(start_step), batch_size=None)
 
 
 def _trainer(max_steps: int, callbacks=()) -> lightning.Trainer:
@@ -65,22 +85,50 @@ class _LossRecorder(lightning.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_dataset_converts_uint8_to_unit_range_and_validates():
-    ds = _toy_dataset(repeats=1)
-    item = ds[0]
-    assert item["image"].dtype == torch.float32
-    assert item["image"][0].eq(1.0).all() and item["image"][1:].eq(-1.0).all()
-    assert item["text_tokens"].shape == (CONFIG.max_text_tokens, CONFIG.text_dim)
-    assert item["text_mask"].dtype == torch.bool and item["text_pooled"].shape == (CONFIG.text_dim,)
-    with pytest.raises(ValueError, match="uint8"):
-        CaptionedImageDataset(_toy_images().float(), _toy_text())
-    with pytest.raises(ValueError, match="one caption per image"):
-        CaptionedImageDataset(_toy_images()[:1], _toy_text())
+def test_step_plan_is_a_function_of_seed_and_step_and_covers_both_streams():
+    groups = [GroupSpec("image", 10), GroupSpec("image", 30), GroupSpec("video", 5)]
+    plan = StepPlan(groups, {"image": 4, "video": 2}, seed=5)
+    first = [plan.step(t) for t in range(50)]
+    for entry in first:
+        assert [len(indices) for _, indices in entry] == [4, 2]  # one image group and one video group per step
+        (image_group, image_idx), (video_group, video_idx) = entry
+        assert image_group in (0, 1) and video_group == 2
+        assert len(set(image_idx)) == 4  # no repeats within a step
+        assert max(image_idx) < groups[image_group].size
+    share_big = sum(entry[0][0] == 1 for entry in first) / len(first)
+    assert 0.55 < share_big < 0.95  # buckets drawn in proportion to their size (30 of 40)
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = StepPlan(groups, {"image": 4, "video": 2}, seed=5)
+    assert [again.step(t) for t in range(37, 42)] == first[37:42]
+    assert StepPlan(groups, {"image": 4, "video": 2}, seed=6).step(0) != first[0]
+    with pytest.raises(ValueError, match="no video samples"):
+        StepPlan([GroupSpec("image", 3)], {"image": 1, "video": 1}, seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        GroupSpec("image", 3, (1.0, -1.0, 1.0))
+
+
+def test_mixed_image_and_video_step_weights_the_loss_by_samples():
+    torch.manual_seed(0)
+    module = FlowMatchingModule(CONFIG, optim=OptimConfig(caption_dropout=0.0))
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = ToySteps(repeats=2).batch([0, 1, 2])["groups"][0]
+    text = {k: images[k][:2] for k in ("text_tokens", "text_mask", "text_pooled")}
+    video = {"x": torch.randn(2, 3, 3, CONFIG.image_size, CONFIG.image_size), **text, "media": "video"}
+    torch.manual_seed(1)
+    mixed = module.training_step({"groups": [images, video]}, 0)
+    torch.manual_seed(1)
+    image_loss = module._group_loss(images, dropout=True)
+    video_loss = module._group_loss(video, dropout=True)
+    assert torch.allclose(mixed, (3 * image_loss + 2 * video_loss) / 5)
+    latents = module.generate(_toy_text(), steps=2, guidance_scale=1.0, frames=3)
+    assert latents.shape == (2, 3, 3, CONFIG.image_size, CONFIG.image_size)
 
 
 def test_thirty_bf16_steps_reduce_loss_update_ema_and_generate():
     torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(_toy_dataset(), batch_size=8, shuffle=True)
+    loader = _step_loader(ToySteps())
     module = FlowMatchingModule(CONFIG, FlowMatchingConfig(), OptimConfig(lr=3e-3, warmup_steps=5))
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     recorder = _LossRecorder()
@@ -98,15 +146,16 @@ def test_thirty_bf16_steps_reduce_loss_update_ema_and_generate():
     assert any(not torch.equal(initial[k], ema[k]) for k in raw)  # ...but has moved off the init
     assert all(not p.requires_grad for p in module.ema.parameters())
 
-    images = module.generate(_toy_text(), steps=8, guidance_scale=2.0, seed=0, solver="euler")
+    images = module.generate(_toy_text(), steps=8, guidance_scale=2.0, seed=0, solver="euler")[:, :, 0]
     assert images.shape == (2, 3, CONFIG.image_size, CONFIG.image_size)
-    assert torch.isfinite(images).all() and images.abs().max() <= 1.0
+    assert torch.isfinite(images).all()
+    images = images.clamp(-1, 1)
     red, blue = images.mean(dim=(2, 3))  # per-channel means, [3] each
     assert red[0] > 0.3 and red[2] < -0.3, red  # the caption of the red image makes a red image
     assert blue[2] > 0.3 and blue[0] < -0.3, blue
-    again = module.generate(_toy_text(), steps=8, guidance_scale=2.0, seed=0, solver="euler")
-    assert torch.equal(images, again)
-    heun = module.generate(_toy_text(), steps=4, guidance_scale=1.0, seed=1, solver="heun")
+    again = module.generate(_toy_text(), steps=8, guidance_scale=2.0, seed=0, solver="euler")[:, :, 0]
+    assert torch.equal(images, again.clamp(-1, 1))
+    heun = module.generate(_toy_text(), steps=4, guidance_scale=1.0, seed=1, solver="heun")[:, :, 0]
     assert heun.shape == images.shape and torch.isfinite(heun).all()
 
 
@@ -116,7 +165,8 @@ def test_validation_loss_is_deterministic():
     with torch.no_grad():
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    loader = torch.utils.data.DataLoader(_toy_dataset(repeats=2), batch_size=4)
+    dataset = ToySteps(repeats=2)
+    loader = torch.utils.data.DataLoader([dataset.batch([0, 1, 2, 3])], batch_size=None)
     trainer = _trainer(1)
     first = trainer.validate(module, loader, verbose=False)[0]["val/loss"]
     second = trainer.validate(module, loader, verbose=False)[0]["val/loss"]

@@ -1,0 +1,1 @@
+"""Autoencoder stage: the latent space the generator trains in (Movie Gen TAE)."""
