@@ -19,13 +19,17 @@ import scipy.stats
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "HEADLINE_METRICS",
     "caption_alignment_chance",
+    "compare_paired",
     "diversity",
+    "frame_change",
     "frechet_distance",
     "kernel_inception_distance",
     "knn_caption_alignment",
     "knn_category_accuracy",
     "mean_confidence_interval",
+    "realism",
 ]
 
 # Relative error ||X @ X - A||_F / ||A||_F above which a sqrtm result is not trusted and
@@ -38,7 +42,7 @@ _KNN_BLOCK_ELEMENTS = 1 << 24
 
 
 # The metrics shown side by side in reports and copied onto registered model versions.
-HEADLINE_METRICS = ("alignment", "category_accuracy", "fd", "kid", "realism", "diversity", "latency_ms")
+HEADLINE_METRICS = ("alignment", "aesthetic", "category_accuracy", "fd", "kid", "realism", "diversity", "latency_ms")
 
 
 def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike, eps: float = 1e-6) -> float:
@@ -270,6 +274,61 @@ def mean_confidence_interval(values: ArrayLike, confidence: float = 0.95) -> tup
     sem = float(x.std(ddof=1)) / np.sqrt(x.size)
     half = float(scipy.stats.t.ppf(0.5 + confidence / 2.0, df=x.size - 1)) * sem
     return mean, mean - half, mean + half
+
+
+def compare_paired(a: ArrayLike, b: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
+    """Does model A beat model B (higher is better) on per-prompt scores of the same prompts?
+
+    Both models answer the same prompts with the same seed, so the scores pair up by index.
+    Returns floats (booleans as 0/1, so they can be logged as metrics):
+
+    - ``wins``: 1 when ``mean(a) > mean(b)`` (ties lose).
+    - ``ci_overlap``: 1 when the two means' own ``confidence`` intervals (Student-t, as in
+      :func:`mean_confidence_interval`) overlap, i.e. the unpaired view cannot tell them apart.
+    - ``difference``, ``difference_ci_low``, ``difference_ci_high``: mean of ``a - b`` and its
+      paired t-interval, which is narrower than the unpaired one because prompt difficulty
+      cancels out.
+    - ``significant``: 1 when that paired interval lies entirely above 0.
+
+    With one prompt the intervals are undefined: ``ci_overlap`` is 1 and ``significant`` 0.
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired scores need the same number of prompts, got {x.size} and {y.size}")
+    mean_a, low_a, high_a = mean_confidence_interval(x, confidence)
+    mean_b, low_b, high_b = mean_confidence_interval(y, confidence)
+    difference, low, high = mean_confidence_interval(x - y, confidence)
+    defined = x.size > 1
+    # NaN bounds (one prompt) compare False, so they count as overlapping / not significant.
+    separated = defined and (low_a > high_b or low_b > high_a)
+    return {
+        "wins": float(mean_a > mean_b),
+        "ci_overlap": float(not separated),
+        "difference": difference,
+        "difference_ci_low": low,
+        "difference_ci_high": high,
+        "significant": float(defined and low > 0.0),
+    }
+
+
+def frame_change(clips: ArrayLike, value_range: float = 255.0) -> np.ndarray:
+    """Per-clip mean absolute change between consecutive frames, as a fraction of `value_range`.
+
+    ``clips`` is ``[N, T, ...]`` (e.g. uint8 ``[N, T, H, W, 3]``, ``T >= 2``). 0 means a frozen
+    clip (the generator ignored time); independent noise in every frame scores about 1/3 for
+    uniform values. Returns ``[N]`` float64 values in ``[0, 1]``.
+    """
+    x = np.asarray(clips)
+    if x.ndim < 3:
+        raise ValueError(f"clips must be [N, T, ...] with frame content, got shape {x.shape}")
+    if x.shape[1] < 2:
+        raise ValueError(f"clips need at least 2 frames to measure change, got {x.shape[1]}")
+    if value_range <= 0:
+        raise ValueError(f"value_range must be > 0, got {value_range}")
+    x = x.astype(np.float64)  # uint8 differences would wrap around
+    change = np.abs(np.diff(x, axis=1)) / value_range
+    return change.reshape(x.shape[0], -1).mean(axis=1)
 
 
 def diversity(feats: ArrayLike) -> float:

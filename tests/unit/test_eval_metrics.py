@@ -7,8 +7,11 @@ import pytest
 import scipy.stats
 
 from components.evaluate.metrics import (
+    HEADLINE_METRICS,
     caption_alignment_chance,
+    compare_paired,
     diversity,
+    frame_change,
     frechet_distance,
     kernel_inception_distance,
     knn_caption_alignment,
@@ -172,3 +175,54 @@ def test_realism_prefers_images_near_real_ones_over_noise() -> None:
     noise = rng.normal(size=(10, 64))
     assert realism(near_copies, real).mean() > 0.95
     assert realism(noise, real).mean() < realism(near_copies, real).mean() - 0.5
+
+
+def test_compare_paired_win_needs_a_higher_mean_and_reports_noise() -> None:
+    """A clear per-prompt gain wins with separate intervals; a gain within the noise wins on the
+    mean but is flagged (overlapping intervals); a loss or a tie is not a win."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, size=40)  # prompt difficulty, shared by both models
+    clear = compare_paired(base + 0.3, base)
+    assert clear["wins"] == 1.0 and clear["ci_overlap"] == 0.0 and clear["significant"] == 1.0
+    assert clear["difference"] == pytest.approx(0.3)
+    assert clear["difference_ci_low"] == pytest.approx(0.3) == clear["difference_ci_high"]
+
+    # +0.02 on every prompt: far inside the spread across prompts (unpaired intervals overlap),
+    # but the pairing removes the prompt difficulty, so the paired difference is significant.
+    small = compare_paired(base + 0.02 + rng.normal(0, 0.005, 40), base)
+    assert small["wins"] == 1.0 and small["ci_overlap"] == 1.0 and small["significant"] == 1.0
+
+    noisy = compare_paired(base + rng.normal(0, 0.2, 40), base)
+    assert noisy["difference_ci_low"] < 0 < noisy["difference_ci_high"] and noisy["significant"] == 0.0
+
+    assert compare_paired(base, base + 0.1)["wins"] == 0.0
+    assert compare_paired(base, base)["wins"] == 0.0  # a tie is not a win
+    single = compare_paired([0.9], [0.1])
+    assert single["wins"] == 1.0 and single["ci_overlap"] == 1.0 and single["significant"] == 0.0
+    with pytest.raises(ValueError, match="same number of prompts"):
+        compare_paired([1.0, 2.0], [1.0])
+
+
+def test_frame_change_is_zero_for_frozen_clips_and_grows_with_motion() -> None:
+    """A repeated frame scores 0; a moving gradient scores in between; fresh noise every frame ~1/3."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    frozen = np.broadcast_to(frame, (2, 5, 16, 16, 3))
+    assert np.array_equal(frame_change(frozen), [0.0, 0.0])
+
+    ramp = np.linspace(0, 255, 32).astype(np.uint8)
+    moving = np.stack([np.roll(ramp, shift)[None, :16, None].repeat(16, 0).repeat(3, 2) for shift in range(5)])
+    moving_change = frame_change(moving[None])[0]
+    noise_change = frame_change(rng.integers(0, 256, size=(1, 5, 16, 16, 3), dtype=np.uint8))[0]
+    assert 0 < moving_change < noise_change
+    assert noise_change == pytest.approx(1 / 3, abs=0.02)
+    # uint8 differences must not wrap: 255 -> 0 is a change of the full range, not 1 level.
+    flip = np.array([[[0], [255]]], dtype=np.uint8)  # [N=1, T=2, 1]
+    assert frame_change(flip)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        frame_change(frozen[:, :1])
+
+
+def test_headline_metrics_include_alignment_and_aesthetic() -> None:
+    """The registry and the report compare models on both of issue 4's claims."""
+    assert {"alignment", "aesthetic"} <= set(HEADLINE_METRICS)
