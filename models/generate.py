@@ -62,7 +62,8 @@ class TextToImage:
         model = DiT(DiTConfig(**config["model"]))
         model.load_state_dict(weights)
         model.eval()
-        encoder = text_encoder or TextEncoder(max_tokens=int(config["text"]["max_tokens"]))
+        encoder = text_encoder or TextEncoder(model_path=config["text"].get("model_path"),
+                                              max_tokens=int(config["text"]["max_tokens"]))
         return cls(model, encoder, config, state, codec=load_codec(directory, config))
 
     @property

@@ -29,11 +29,11 @@ from components import tracking
 from components.config import Recipe
 from components.storage import dataset_hash
 from components.train_data import MediaGroup, load_groups
-from components.training import (PlainProgress, _accelerator, configure_torch, find_resume, lightning_strategy)
+from components.training import PlainProgress, build_trainer, configure_torch, find_resume
 from models.checkpoint import save_model_dir
 from models.generate import image_grid, to_uint8
 from models.hardware import resolve_precision
-from models.resume import PeriodicCheckpoint, SafetensorsCheckpointIO
+from models.resume import PeriodicCheckpoint
 from models.training import GroupSpec, StepPlan, StepSampler
 
 # How many train samples the latent statistics are computed from (enough for 8-16 channel means).
@@ -183,16 +183,8 @@ def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker: tracking.S
         val_every = section.val_every if 0 < section.val_every <= section.steps else None
         precision = resolve_precision(section.precision)
         logger = tracking.training_logger(tracker)
-        trainer = lightning.Trainer(
-            accelerator=_accelerator(section), devices=section.devices, num_nodes=section.num_nodes,
-            strategy=lightning_strategy(section), precision=precision, max_steps=section.steps,
-            gradient_clip_val=section.grad_clip or None, logger=logger, callbacks=callbacks,
-            enable_checkpointing=checkpointer is not None, plugins=[SafetensorsCheckpointIO()],
-            enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
-            log_every_n_steps=max(1, min(10, section.steps // 4)), val_check_interval=val_every,
-            check_val_every_n_epoch=None if val_every else 1, limit_val_batches=1.0 if val_every else 0,
-            num_sanity_val_steps=0, deterministic=True,
-        )
+        trainer = build_trainer(section, logger=logger, callbacks=callbacks, checkpointing=checkpointer is not None,
+                                val_every=val_every, progress_bar=sys.stderr.isatty())
         lightning.seed_everything(section.seed + 1, workers=True, verbose=False)
         started = time.monotonic()
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if val_every else None,

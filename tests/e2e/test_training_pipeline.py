@@ -19,7 +19,6 @@ from PIL import Image
 from components import tracking
 from components.config import load_recipe
 from pipelines.local import run_training
-from pipelines.training import STAGE_ORDER
 from tests.conftest import tuxpaint_subset
 
 pytestmark = pytest.mark.slow
@@ -74,13 +73,18 @@ def test_every_stage_is_a_nested_finished_run_with_its_config(pipeline_run) -> N
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     stages = {run.data.tags["reelforge.stage"]: run for run in children}
-    assert set(stages) == set(STAGE_ORDER)
+    recipe = pipeline_run["recipe"]
+    pretraining = [f"pretrain-{s.name}" for s in recipe.pretrain.resolved_stages()]
+    assert pretraining == ["pretrain-t2i_low", "pretrain-t2i"]  # one task and one run per recipe stage
+    assert set(stages) == {"ingest", "curate", "autoencoder", *pretraining, "quality_tune", "evaluate", "register"}
     assert all(run.info.status == "FINISHED" for run in children)
-    assert stages["pretrain"].data.params["pretrain.steps"] == str(pipeline_run["recipe"].pretrain.steps)
+    assert stages["pretrain-t2i"].data.metrics["pretrain-t2i.steps"] == recipe.pretrain.train_config("t2i").steps
+    assert stages["pretrain-t2i_low"].data.metrics["pretrain-t2i_low.steps"] == 4  # the stage's own steps
+    assert "autoencoder.val_psnr_image" in stages["autoencoder"].data.metrics
     assert stages["curate"].data.metrics["curate.reason.truncated"] == 1
     assert stages["curate"].data.metrics["curate.reason.empty_file"] == 1
-    assert "train/loss" in stages["pretrain"].data.metrics
-    artifacts = {a.path for a in client.list_artifacts(stages["pretrain"].info.run_id, "samples")}
+    assert "train/loss" in stages["pretrain-t2i"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(stages["pretrain-t2i"].info.run_id, "samples")}
     assert any(path.endswith(".png") for path in artifacts), "sample grids are logged while training"
     eval_artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
     assert {"report.html", "metrics.json"} <= eval_artifacts
@@ -126,8 +130,11 @@ def test_second_run_reuses_cached_data_stages_and_the_same_version(pipeline_run)
     # The training stages find their final checkpoints in <workdir>/checkpoints: nothing is retrained.
     tags = {r.data.tags["reelforge.stage"]: r.data.tags for r in children}
     recipe = pipeline_run["recipe"]
-    assert tags["pretrain"]["pretrain.resumed_from_step"] == str(recipe.pretrain.steps)
-    assert tags["quality_tune"]["quality_tune.resumed_from_step"] == str(recipe.quality_tune.steps)
+    for stage in recipe.pretrain.resolved_stages():
+        name = f"pretrain-{stage.name}"
+        assert tags[name][f"{name}.resumed_from_step"] == str(recipe.pretrain.train_config(stage.name).steps)
+    first_qt = json.loads(next(Path(pipeline_run["first"].workdir).rglob("quality-tune/model/state.json")).read_text())
+    assert tags["quality_tune"]["quality_tune.resumed_from_step"] == str(first_qt["step"])  # early stop included
     # Deterministic training on the same data gives the same weights: no duplicate version.
     assert (second["version"], second["created"]) == ("1", False)
 
@@ -136,7 +143,7 @@ def test_evaluation_compares_both_models_side_by_side(pipeline_run) -> None:
     root = Path(pipeline_run["first"].workdir) / "pipeline_root"
     (metrics_file,) = list(root.rglob("evaluate/evaluation/metrics.json"))[:1]
     metrics = json.loads(metrics_file.read_text())
-    assert {"pretrained", "tuned", "noise_floor"} <= set(metrics["models"])
+    assert {"pretrained", "tuned", "untrained"} <= set(metrics["models"])
     for name in ("pretrained", "tuned"):
         values = metrics["models"][name]
         assert 0 <= values["category_accuracy"] <= 1 and values["latency_ms"] > 0 and values["fd"] >= 0
