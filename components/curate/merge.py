@@ -130,7 +130,9 @@ def _load(scored_dirs: list[Path]) -> tuple[pd.DataFrame, np.ndarray]:
     return rows, matrix
 
 
-def _remove(rows: pd.DataFrame, mask: pd.Series | np.ndarray, reason: RejectReason, details: list[str] | pd.Series) -> None:
+def _remove(rows: pd.DataFrame, mask: pd.Series | np.ndarray | pd.Index, reason: RejectReason,
+            details: list[str] | pd.Series) -> None:
+    """Reject the rows selected by `mask` (a boolean mask, or index labels in the order of `details`)."""
     rows.loc[mask, "status"] = "rejected"
     rows.loc[mask, "reason"] = str(reason)
     rows.loc[mask, "detail"] = list(details) if not isinstance(details, pd.Series) else details.values
@@ -166,7 +168,8 @@ def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: R
         return
     ids = rows.loc[order, "id"].to_numpy()
     details = [describe(groups.score[i], ids[groups.representative[i]]) for i in dup]
-    _remove(rows, rows.index.isin(order[dup]), reason, details)
+    # Label indexing in `dup` order: the details are in quality order, not in row order.
+    _remove(rows, order[dup], reason, details)
 
 
 def _exact_dedup(rows: pd.DataFrame) -> None:

@@ -403,3 +403,20 @@ def test_semantic_edge_cases() -> None:
     assert result.score.tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError):
         semantic_duplicates(np.ones(5, np.float32), 0.9)
+
+
+def test_dedup_details_name_the_kept_copy_of_each_dropped_row_when_quality_order_differs_from_row_order():
+    """Regression: details were written in quality order onto rows in row order, naming the wrong kept sample."""
+    import pandas as pd
+
+    from components.curate.dedup import exact_duplicates
+    from components.curate.merge import _drop_duplicates
+    from components.media import RejectReason
+
+    rows = pd.DataFrame({"id": ["a", "b", "c", "d"], "status": "ok", "reason": "", "detail": "",
+                         "key": ["x", "y", "x", "y"]})
+    order = pd.Index([3, 1, 2, 0])  # best quality first: d, b, c, a
+    groups = exact_duplicates(rows.loc[order, "key"].to_numpy())
+    _drop_duplicates(rows, order, groups, RejectReason.EXACT_DUPLICATE, lambda score, kept: f"same as {kept}")
+    assert rows.set_index("id")["detail"].to_dict() == {"a": "same as c", "b": "same as d", "c": "", "d": ""}
+    assert list(rows["status"]) == ["rejected", "rejected", "ok", "ok"]
