@@ -15,7 +15,9 @@ def test_every_shipped_recipe_loads_and_round_trips(name: str) -> None:
     recipe = load_recipe(name)
     assert recipe.name == name
     assert Recipe.from_json(recipe.to_json()) == recipe
-    assert recipe.model_config_dict()["image_size"] == recipe.curate.resolution
+    spatial, _, channels = recipe.latent_factors()
+    model = recipe.model_config_dict()
+    assert model["image_size"] * spatial == recipe.curate.resolution and model["in_channels"] == channels
 
 
 def test_demo_and_tiny_are_shipped() -> None:
@@ -50,7 +52,7 @@ def test_bad_value_names_the_key_and_the_value(tmp_path: Path) -> None:
 
 def test_conflicting_values_fail_with_both_keys(tmp_path: Path) -> None:
     data = {"name": "x", "curate": {"resolution": 64}, "model": {"preset": "demo"}}
-    with pytest.raises(RecipeError, match="image_size 32 conflicts with curate.resolution 64"):
+    with pytest.raises(RecipeError, match="image_size 32 x autoencoder downsampling 1 conflicts with curate.resolution 64"):
         load_recipe(_write(tmp_path, data))
 
 
