@@ -61,3 +61,37 @@ def test_curation_benchmark_quick_prints_ratios_and_writes_json(tmp_path: Path) 
         stack["images_per_s"]
     )
     assert {row["status"] for row in results["summary"]} <= {"PASS", "FAIL", "SKIP", "INFO"}
+
+
+TRAIN_SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+@pytest.mark.slow  # ~30-60 s: two fresh worker processes import torch, Lightning and MLflow
+def test_train_throughput_benchmark_quick_compares_both_loops_and_plans_30b(tmp_path: Path) -> None:
+    """`--quick` runs our stack and the plain loop, logs to MLflow, prints the ratio, FLOP fraction and 30B plan."""
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    stdout = done.stdout
+    ratio = re.search(r"ratio images/s ours/plain, tiny @4: (\d+\.\d+)", stdout)
+    assert ratio, stdout
+    assert re.search(r"model FLOP/s of ours, tiny @4: \d+ GFLOP/s = \d+\.\d% of the measured bf16 matmul rate", stdout)
+    assert "29,378,365,504 (29.38B)" in stdout and "73,728" in stdout, stdout  # the 30B plan at Movie Gen's context
+
+    results = json.loads(out.read_text())
+    (case,) = results["cases"]
+    assert (case["preset"], case["batch"]) == ("tiny", 4)
+    assert math.isclose(case["ratio"], float(ratio.group(1)), rel_tol=0.01)
+    for variant in ("ours", "plain"):
+        (run,) = case["runs"][variant]
+        assert run["steps"] == 3 and run["images_per_s"] > 0 and math.isfinite(run["images_per_s"]), run
+        assert run["peak_rss"] >= run["rss_after_imports"] > 0, run  # each run measured in its own process
+        assert run["threads"] == case["runs"]["ours"][0]["threads"], "A and B must use the same thread count"
+    # A really went through the stage's MLflow logging: train/loss points are in the store.
+    assert case["metrics_logged"] >= 1
+    assert case["runs"]["ours"][0]["precision"] == case["runs"]["plain"][0]["precision"] == results["precision"]
+    assert case["model_flops_per_s"]["ours"] > 0 and results["matmul_gflops"]["ceiling"]["bf16"] > 0
+    big = results["moviegen_30b"]
+    assert big["params"] == 29_378_365_504 and big["tokens"] == 73_728
+    assert big["step_seconds"]["512x512"] == pytest.approx(big["gpu_seconds_per_sample"])
