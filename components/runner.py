@@ -142,6 +142,8 @@ def execute(
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     spec = STAGES[name]
     tracking.quiet_environment()
+    if not tracking.is_primary_process():
+        return _execute_secondary(name, recipe, inputs, outputs, context, **options)
     parent = None
     if context.pipeline_job_id:
         short = context.pipeline_job_id[-8:]
@@ -179,6 +181,17 @@ def execute(
         if parent:
             result.metadata.setdefault("mlflow_parent_run_id", parent)
     return result
+
+
+def _execute_secondary(name: str, recipe: Recipe, inputs: Mapping[str, Path], outputs: Mapping[str, Path],
+                       context: RunContext, **options: Any) -> StageOutput:
+    """A data-parallel worker (rank > 0) of a training stage: it trains alongside rank 0 but opens no
+    MLflow run and writes its outputs to a scratch directory, so rank 0's outputs are the only ones."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"reelforge-{name}-rank-") as scratch:
+        private = {key: Path(scratch) / key for key in outputs}
+        return _stage_fn(name)(recipe, inputs, private, tracking.NullTracker(), context, **options)
 
 
 def _store(cached: Path, outputs: Mapping[str, Path], result: StageOutput) -> None:

@@ -142,6 +142,24 @@ def finish_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+def is_primary_process() -> bool:
+    """False in the extra processes of a multi-process training job (rank > 0 under Lightning's
+    DDP launcher, torchrun or a Kubeflow TrainJob): only the primary process tracks and writes outputs."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+class NullTracker:
+    """The tracker of a non-primary training process: same interface as StageTracker, records nothing."""
+
+    run_id = ""
+    experiment_id = ""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
 class StageTracker:
     """What a stage's `run()` may log: params, metrics, tags, files, images and dicts."""
 
@@ -451,6 +469,8 @@ def training_logger(tracker: StageTracker, max_pending: int = 10_000, linger_s: 
     `tracker.flush()` (which `stage_run` also calls before closing the run) waits for the
     writes and raises `MetricLoggingError` if any failed.
     """
+    if isinstance(tracker, NullTracker):
+        return False  # a non-primary process of a multi-process job: rank 0 logs
     writer = MetricWriter(tracker.run_id, max_pending=max_pending, linger_s=linger_s)
     tracker._writers.append(writer)
     return _background_logger_class()(tracker.run_id, writer)

@@ -147,11 +147,12 @@ class SampleGridCallback(lightning.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         step = trainer.global_step
-        if self.every and step % self.every == 0 and step < trainer.max_steps:
+        if trainer.is_global_zero and self.every and step % self.every == 0 and step < trainer.max_steps:
             self.log_grid(step)
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self.log_grid(trainer.global_step)
+        if trainer.is_global_zero:
+            self.log_grid(trainer.global_step)
 
 
 class PlainProgress(lightning.Callback):
@@ -180,8 +181,8 @@ class PlainProgress(lightning.Callback):
 class DataPositionCheck(lightning.Callback):
     """Fails fast if Lightning's restored step and the sampler's first step disagree (batches would shift)."""
 
-    def __init__(self, sampler: StepSampler) -> None:
-        self.sampler = sampler
+    def __init__(self, sampler: StepSampler | None = None) -> None:
+        self.sampler = sampler  # set once the trainer (and so the rank) is known
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         if trainer.global_step != self.sampler.start_step:
@@ -264,7 +265,8 @@ def find_resume(stage: str, recipe: Recipe, config: TrainConfig, settings: dict[
     key = checkpoint_key(stage, settings, inputs)
     directory = checkpoint_dir(stage, key, output_dir, description={"stage": stage, "recipe": recipe.name,
                                                                      "settings": settings, "inputs": inputs})
-    held.enter_context(exclusive(directory))
+    if tracking.is_primary_process():  # data-parallel workers read the same checkpoints; rank 0 writes them
+        held.enter_context(exclusive(directory))
     latest, skipped = latest_training_checkpoint(directory)
     for problem in skipped:
         print(f"[{stage}] ignoring checkpoint: {problem}", file=sys.stderr, flush=True)
@@ -359,6 +361,8 @@ def build_trainer(config: Any, *, logger: Any, callbacks: list[lightning.Callbac
         limit_val_batches=1.0 if val_every else 0,
         num_sanity_val_steps=0,
         deterministic=True,
+        # Batches come from StepSampler, which gives every rank its own batch per step itself.
+        use_distributed_sampler=False,
     )
 
 
@@ -464,13 +468,10 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
                    "video": spec.video_batch_size if "video" in spec.media else 0}
     # Batches are a function of (seed, step), starting at the resumed step: see StepPlan.
     plan = StepPlan(group_specs(train_groups, config.balanced), batch_sizes, config.seed)
-    sampler = StepSampler(resume.step)
     # Both loaders get their own generator: a DataLoader without one draws its base seed from the
     # global RNG each time it is iterated, so the validation runs inside fit would shift caption
     # dropout and noise, and a resumed run (which skips the validation at its checkpoint step)
     # would diverge from an uninterrupted one.
-    train_loader = torch.utils.data.DataLoader(StepDataset(train_groups, plan), sampler=sampler, batch_size=None,
-                                               num_workers=0, generator=torch.Generator().manual_seed(config.seed))
     val_loader = torch.utils.data.DataLoader(ValidationBatches(val_groups), batch_size=None, shuffle=False,
                                              generator=torch.Generator().manual_seed(config.seed))
 
@@ -487,7 +488,8 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     grids = SampleGridCallback(tracker, generator, grid_prompts, config.sample_every, sampling, stage, video=video)
     interactive = sys.stderr.isatty()
     callbacks: list[lightning.Callback] = [grids] if interactive else [grids, PlainProgress(stage)]
-    callbacks.append(DataPositionCheck(sampler))
+    position_check = DataPositionCheck()
+    callbacks.append(position_check)
     averaging = None
     if spec.average_last > 1:
         averaging = WeightAveraging(spec.average_last)
@@ -508,6 +510,11 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
                       f"{stage}.accelerator": accelerator})
     trainer = build_trainer(config, logger=logger, callbacks=callbacks, checkpointing=checkpointer is not None,
                             val_every=val_every, progress_bar=interactive)
+    # Batches are a function of (seed, step), starting at the resumed step: see StepPlan / StepSampler.
+    sampler = StepSampler(resume.step, rank=trainer.global_rank, world_size=trainer.world_size)
+    position_check.sampler = sampler
+    train_loader = torch.utils.data.DataLoader(StepDataset(train_groups, plan), sampler=sampler, batch_size=None,
+                                               num_workers=0, generator=torch.Generator().manual_seed(config.seed))
     # Re-seed after the set-up: set-up code (model loading) leaves the global RNG in a different
     # state the first time it runs in a process than later (measured: two runs in one process
     # started training from different RNG states), which would shift caption dropout and noise.

@@ -144,7 +144,8 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.save_checkpoint(path, weights_only=False)  # -> state_dict() below + the CheckpointIO plugin
         self._last_saved_step = step
         self.saved.append(path)
-        prune_training_checkpoints(self.root, self.keep)
+        if trainer.is_global_zero:  # under DDP only rank 0 writes checkpoints, so only it prunes them
+            prune_training_checkpoints(self.root, self.keep)
 
     def state_dict(self) -> dict[str, Any]:
         """What this callback adds to a checkpoint: RNG states at save time and the step's train loss."""

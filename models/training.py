@@ -352,20 +352,25 @@ class StepPlan:
 
 
 class StepSampler(torch.utils.data.Sampler[int]):
-    """Endless optimiser-step numbers from `start_step`; pair with a dataset indexed by step.
+    """Endless batch numbers from `start_step`; pair with a dataset indexed by batch number.
 
     Having no length, it makes Lightning run one endless epoch bounded by max_steps instead of
-    restarting an epoch from its first batch on a mid-epoch resume.
+    restarting an epoch from its first batch on a mid-epoch resume. With data parallelism
+    (`world_size` > 1, used with ``Trainer(use_distributed_sampler=False)``), rank r of step s
+    draws batch ``s * world_size + r``: every rank a different batch, and still a function of
+    (seed, step), so resume stays exact for any number of devices.
     """
 
-    def __init__(self, start_step: int = 0) -> None:
+    def __init__(self, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.start_step = start_step
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        """start_step, start_step + 1, ... without end."""
+        """Batch numbers of steps start_step, start_step + 1, ... for this rank, without end."""
         step = self.start_step
         while True:
-            yield step
+            yield step * self.world_size + self.rank
             step += 1

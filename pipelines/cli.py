@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.local import git_commit
 
     result = execute(stage, recipe, inputs, outputs, RunContext(git_commit=git_commit()), **options)
-    print(json.dumps(result.metadata, indent=2, sort_keys=True, default=str))
+    if tracking.is_primary_process():  # data-parallel workers (rank > 0) run the same command silently
+        print(json.dumps(result.metadata, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -171,9 +171,6 @@ def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker: tracking.S
         if resume.checkpoint is not None:
             print(f"[autoencoder] resuming from step {resume.step}", file=sys.stderr, flush=True)
         tracker.set_tags({"autoencoder.resumed_from_step": resume.step})
-        sampler = StepSampler(resume.step)
-        train_loader = torch.utils.data.DataLoader(_PixelSteps(train_groups, plan), sampler=sampler, batch_size=None,
-                                                   generator=torch.Generator().manual_seed(section.seed))
         val_loader = torch.utils.data.DataLoader(_PixelChunks(val_groups), batch_size=None, shuffle=False)
         callbacks: list[lightning.Callback] = [] if sys.stderr.isatty() else [PlainProgress("autoencoder")]
         checkpointer = None
@@ -185,6 +182,9 @@ def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker: tracking.S
         logger = tracking.training_logger(tracker)
         trainer = build_trainer(section, logger=logger, callbacks=callbacks, checkpointing=checkpointer is not None,
                                 val_every=val_every, progress_bar=sys.stderr.isatty())
+        sampler = StepSampler(resume.step, rank=trainer.global_rank, world_size=trainer.world_size)
+        train_loader = torch.utils.data.DataLoader(_PixelSteps(train_groups, plan), sampler=sampler, batch_size=None,
+                                                   generator=torch.Generator().manual_seed(section.seed))
         lightning.seed_everything(section.seed + 1, workers=True, verbose=False)
         started = time.monotonic()
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if val_every else None,

@@ -211,3 +211,15 @@ def test_caption_dropout_replaces_whole_captions_with_null():
     assert 0 < dropped.sum() < 64
     assert (d_tokens[dropped] == 7.0).all() and d_mask[dropped].all()
     assert torch.equal(d_tokens[~dropped], tokens[~dropped]) and torch.equal(d_mask[~dropped], mask[~dropped])
+
+
+def test_step_sampler_gives_each_data_parallel_rank_its_own_batch():
+    from itertools import islice
+
+    from models.training import StepSampler
+
+    assert list(islice(StepSampler(3), 3)) == [3, 4, 5]
+    ranks = [list(islice(StepSampler(2, rank=r, world_size=3), 2)) for r in range(3)]
+    assert ranks == [[6, 9], [7, 10], [8, 11]]  # step 2 -> batches 6, 7, 8; step 3 -> 9, 10, 11
+    with pytest.raises(ValueError, match="rank"):
+        StepSampler(0, rank=2, world_size=2)
