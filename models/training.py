@@ -63,7 +63,7 @@ class OptimConfig:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
 
 
-def _warmup_factor(warmup_steps: int):
+def warmup_factor(warmup_steps: int):
     """LambdaLR multiplier: (step+1)/warmup until warmup ends, then 1."""
 
     def factor(step: int) -> float:
@@ -72,6 +72,14 @@ def _warmup_factor(warmup_steps: int):
         return min(1.0, (step + 1) / warmup_steps)
 
     return factor
+
+
+def clip_by_default(module: lightning.LightningModule, optimizer: torch.optim.Optimizer, default: float,
+                    gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> None:
+    """Gradient clipping for a module's ``configure_gradient_clipping``: the Trainer's value, else `default` (0 = off)."""
+    clip = gradient_clip_val if gradient_clip_val is not None else default
+    if clip:
+        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
 
 class FlowMatchingModule(lightning.LightningModule):
@@ -198,7 +206,7 @@ class FlowMatchingModule(lightning.LightningModule):
             lr=self.optim.lr,
             betas=tuple(self.optim.betas),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(self.optim.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(self.optim.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -208,10 +216,7 @@ class FlowMatchingModule(lightning.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip by global norm to optim.grad_clip unless the Trainer was given its own value."""
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optim.grad_clip
-        if clip:
-            algorithm = gradient_clip_algorithm or "norm"
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+        clip_by_default(self, optimizer, self.optim.grad_clip, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The optimiser step, then the EMA update (so a checkpoint taken after the step includes it)."""

@@ -90,6 +90,23 @@ def make_image_folder(root: Path, per_colour: int = 6, bad_files: bool = True) -
     return expected
 
 
+def curated_discs(root: Path, per_colour: int = 8) -> Path:
+    """Ingest and curate a synthetic-disc folder with the tiny recipe; returns the curated dataset dir.
+
+    The discs look alike on purpose, so only exact dedup runs (perceptual/semantic would merge them).
+    """
+    from components.config import load_recipe
+    from components.curate.stage import run as curate
+    from components.ingest.stage import run as ingest
+
+    make_image_folder(root / "source", per_colour=per_colour, bad_files=False)
+    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.workers": 1,
+                                  "curate.dedup.perceptual": False, "curate.dedup.semantic": False})
+    ingest(recipe.ingest, root / "raw", f"folder:{root / 'source'}")
+    curate(recipe.curate, root / "raw", root / "curated")
+    return root / "curated"
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     """A folder source with 25 good images (one without a caption) and five bad files."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from models.autoencoder.metrics import psnr, ssim
 from models.autoencoder.model import Autoencoder, AutoencoderConfig, build
+from models.training import clip_by_default, warmup_factor
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,7 @@ class AutoencoderModule(lightning.LightningModule):
             lr=cfg.lr,
             betas=tuple(cfg.betas),
         )
-        warmup = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -200,6 +199,4 @@ class AutoencoderModule(lightning.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip by global norm to grad_clip unless the Trainer was given its own value."""
-        clip = gradient_clip_val if gradient_clip_val is not None else self.train_config.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        clip_by_default(self, optimizer, self.train_config.grad_clip, gradient_clip_val, gradient_clip_algorithm)

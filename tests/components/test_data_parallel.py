@@ -10,25 +10,19 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from components.config import load_recipe
-from components.curate.stage import run as curate
-from components.ingest.stage import run as ingest
 from models.checkpoint import load_model_dir
-from tests.conftest import make_image_folder
+from tests.conftest import curated_discs
 
 
 def test_two_process_ddp_pretraining_writes_one_model_and_one_mlflow_run(tmp_path: Path):
-    make_image_folder(tmp_path / "source", per_colour=8, bad_files=False)
-    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.workers": 1,
-                                  "curate.dedup.perceptual": False, "curate.dedup.semantic": False})
-    ingest(recipe.ingest, tmp_path / "raw", f"folder:{tmp_path / 'source'}")
-    curate(recipe.curate, tmp_path / "raw", tmp_path / "curated")
+    dataset = curated_discs(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("REELFORGE_CHECKPOINT_DIR", "REELFORGE_CACHE_DIR")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--recipe", "tiny",
                "--set", "autoencoder.kind=pixel", "--set", "model.overrides={}", "--set", "pretrain.stages=[]",
                "--set", "pretrain.strategy=ddp", "--set", "pretrain.devices=2", "--set", "pretrain.accelerator=cpu",
                "--set", "pretrain.steps=6", "--set", "pretrain.threads=1",
-               "--dataset", str(tmp_path / "curated"), "--out", str(tmp_path / "model")]
+               "--dataset", str(dataset), "--out", str(tmp_path / "model")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,6 +33,6 @@ def test_two_process_ddp_pretraining_writes_one_model_and_one_mlflow_run(tmp_pat
     weights, config, state = load_model_dir(tmp_path / "model")
     assert state["step"] == 6 and config["training"]["pretrain-t2i"]["strategy"] == "ddp"
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name(recipe.tracking.experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(load_recipe("tiny").tracking.experiment).experiment_id])
     assert [r.info.run_name for r in runs] == ["pretrain-t2i"]  # rank 1 opened no run of its own
     assert runs[0].data.tags["pretrain-t2i.strategy"] == "ddp"

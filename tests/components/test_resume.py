@@ -21,10 +21,8 @@ import pytest
 import torch
 
 from components.config import load_recipe
-from components.curate.stage import run as curate
-from components.ingest.stage import run as ingest
 from models.checkpoint import CHECKPOINT_STATE_FILE, CHECKPOINT_TENSORS_FILE, load_weights
-from tests.conftest import make_image_folder
+from tests.conftest import curated_discs
 
 STEPS = 16  # tiny recipe: checkpoints every 4 steps, the newest 2 kept
 # One pixel-space stage: the stage alone, without an autoencoder input (kept fast for the kill loop).
@@ -36,12 +34,7 @@ RECIPE_ARGS = ["--recipe", "tiny", "--set", f"pretrain.steps={STEPS}", "--set", 
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict[str, str]]:
     """A curated dataset, an MLflow store and the environment for the stage processes."""
     root = tmp_path_factory.mktemp("resume")
-    make_image_folder(root / "source", per_colour=8, bad_files=False)
-    # The synthetic discs look alike on purpose; keep them all (only exact dedup).
-    recipe = load_recipe("tiny", {"ingest.max_samples": None, "curate.workers": 1,
-                                  "curate.dedup.perceptual": False, "curate.dedup.semantic": False})
-    ingest(recipe.ingest, root / "raw", f"folder:{root / 'source'}")
-    curate(recipe.curate, root / "raw", root / "curated")
+    curated_discs(root)
     env = {k: v for k, v in os.environ.items() if k not in ("REELFORGE_CHECKPOINT_DIR", "REELFORGE_CACHE_DIR")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     return {"root": root, "dataset": root / "curated", "env": env}

@@ -224,3 +224,18 @@ def test_prune_keeps_the_newest_k_and_clears_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["key.json", "step-00000010", "step-00000011"]
     with pytest.raises(ValueError):
         prune_training_checkpoints(tmp_path, keep=0)
+
+
+def test_safetensors_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path):
+    """Regression: a header of 0x..80 bytes made the first byte 0x80 and the file was refused as a pickle."""
+    from safetensors.torch import save_file
+
+    from models.checkpoint import load_weights
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(256):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(load_weights(path)["w"], torch.ones(2))
