@@ -30,7 +30,10 @@ CHECKPOINT_ENV = "REELFORGE_CHECKPOINT_DIR"
 # Bump when the checkpoint contents or the resume logic change incompatibly.
 CHECKPOINT_KEY_VERSION = "1"
 # Source files whose edits change what training computes: a checkpoint from other code is not resumed.
-TRAINING_CODE = ("models.dit", "models.flow", "models.training", "models.resume", "components.training")
+# (Modules, not packages: a package's fingerprint would cover only its __init__.py.)
+TRAINING_CODE = ("models.dit.model", "models.flow", "models.training", "models.resume", "models.latent",
+                 "models.autoencoder.model", "models.autoencoder.training", "components.training",
+                 "components.train_data", "components.autoencoder.stage")
 # Settings that say how to checkpoint, not what to compute: changing them keeps the checkpoints.
 _NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
