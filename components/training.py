@@ -233,9 +233,10 @@ class WeightAveraging(lightning.Callback):
 class ResumableEarlyStopping(EarlyStopping):
     """Lightning's EarlyStopping on val/loss that also stays stopped across a resume.
 
-    A run killed after early stopping fired (its last checkpoint is the stopping point) would
-    otherwise train on past it when re-run, and end with other weights than the run that
-    finished; with this, the re-run trains no further.
+    A run killed after early stopping fired (its last checkpoint is the stopping point, saved
+    after that validation: see PeriodicCheckpoint.on_validation_end) would otherwise train on
+    past it when re-run, and end with other weights than the run that finished; with this, the
+    re-run trains no further.
     """
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102

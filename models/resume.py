@@ -138,12 +138,31 @@ class PeriodicCheckpoint(Checkpoint):
             return
         loss = trainer.callback_metrics.get("train/loss")
         self.last_train_loss = float(loss) if loss is not None else None
+        self._save(trainer)
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        """Re-save the step's checkpoint when a validation ran right after it was written.
+
+        Lightning validates after the batch-end hooks, so the checkpoint of a step that is also a
+        validation point would miss what that validation changed in other callbacks (early
+        stopping's counters, weight-averaging snapshots); a run resumed from it would then
+        diverge from one that was never interrupted. Being a ``Checkpoint``, this runs after
+        those callbacks' own ``on_validation_end``.
+        """
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.global_step != self._last_saved_step:
+            return
+        self._save(trainer)
+
+    def _save(self, trainer: lightning.Trainer) -> None:
+        """Write ``<root>/step-<N>`` for the current step and prune to the newest `keep`."""
+        step = trainer.global_step
         path = self.root / checkpoint_name(step)
         # weights_only=False: the full training state (optimizer, loops, callbacks); also silences
         # Lightning's "weights_only was not set" message on every save.
         trainer.save_checkpoint(path, weights_only=False)  # -> state_dict() below + the CheckpointIO plugin
         self._last_saved_step = step
-        self.saved.append(path)
+        if path not in self.saved:
+            self.saved.append(path)
         if trainer.is_global_zero:  # under DDP only rank 0 writes checkpoints, so only it prunes them
             prune_training_checkpoints(self.root, self.keep)
 
