@@ -29,20 +29,29 @@ def test_one_file_per_pipeline_that_kfp_loads(compiled) -> None:
     assert {"recipe", "source", "git_commit"} <= set(loaded.component_spec.inputs)
 
 
-def test_dag_runs_the_stages_in_order(compiled) -> None:
+def test_dag_runs_the_stages_in_order_with_one_task_per_pretraining_stage(compiled) -> None:
     tasks = compiled["spec"]["root"]["dag"]["tasks"]
-    assert set(tasks) == {s.replace("_", "-") for s in STAGE_ORDER}
+    # tiny has two pretraining stages: the first from scratch, the second continuing from it.
+    assert set(tasks) == {"ingest", "curate", "autoencoder", "pretrain", "pretrain-continue", "quality-tune",
+                          "evaluate", "register"}
+    shown = {name: task["taskInfo"]["name"] for name, task in tasks.items()}
+    assert shown["pretrain"] == "pretrain-t2i_low" and shown["pretrain-continue"] == "pretrain-t2i"
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     assert depends["curate"] == {"ingest"}
-    assert depends["pretrain"] == {"curate"}
-    assert depends["quality-tune"] == {"curate", "pretrain"}
-    assert depends["evaluate"] == {"curate", "pretrain", "quality-tune"}
+    assert depends["autoencoder"] == {"curate"}
+    assert depends["pretrain"] == {"curate", "autoencoder"}
+    assert depends["pretrain-continue"] == {"curate", "autoencoder", "pretrain"}
+    assert depends["quality-tune"] == {"curate", "autoencoder", "pretrain-continue"}
+    assert depends["evaluate"] == {"curate", "pretrain-continue", "quality-tune"}
     assert depends["register"] == {"curate", "quality-tune", "evaluate"}
+    stage_of = {name: task["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+                for name, task in tasks.items() if name.startswith("pretrain")}
+    assert stage_of == {"pretrain": "t2i_low", "pretrain-continue": "t2i"}
 
 
 def test_every_component_runs_in_the_project_image_without_installing(compiled) -> None:
     executors = compiled["spec"]["deploymentSpec"]["executors"]
-    assert len(executors) == len(STAGE_ORDER)
+    assert len(executors) == len(STAGE_ORDER) + 1  # pretrain and pretrain_continue are two components
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == "registry.example/reelforge@sha256:" + "a" * 64
