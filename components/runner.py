@@ -142,6 +142,8 @@ def execute(
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     spec = STAGES[name]
     tracking.quiet_environment()
+    if name == "pretrain" and not options.get("stage"):  # one run per stage: name the first when none is given
+        options["stage"] = recipe.pretrain.resolved_stages()[0].name
     if not tracking.is_primary_process():
         return _execute_secondary(name, recipe, inputs, outputs, context, **options)
     parent = None

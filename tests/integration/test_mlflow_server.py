@@ -63,14 +63,17 @@ def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, 
                          git_commit="abc123")
     raw = execute("ingest", recipe, {}, {"raw_dataset": tmp_path / "raw"}, context, source=f"folder:{source}")
     curated = execute("curate", recipe, {"raw_dataset": tmp_path / "raw"}, {"dataset": tmp_path / "data"}, context)
-    trained = execute("pretrain", recipe, {"dataset": tmp_path / "data"}, {"model": tmp_path / "model"}, context)
+    latent = execute("autoencoder", recipe, {"dataset": tmp_path / "data"}, {"autoencoder": tmp_path / "ae"}, context)
+    trained = execute("pretrain", recipe, {"dataset": tmp_path / "data", "autoencoder": tmp_path / "ae"},
+                      {"model": tmp_path / "model"}, context)
 
     parent = raw.metadata["mlflow_parent_run_id"]
     assert curated.metadata["mlflow_parent_run_id"] == parent == trained.metadata["mlflow_parent_run_id"]
+    assert latent.metadata["mlflow_parent_run_id"] == parent
     client = tracking.client()
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent}'")
-    assert {r.data.tags["reelforge.stage"] for r in children} == {"ingest", "curate", "pretrain"}
+    assert {r.data.tags["reelforge.stage"] for r in children} == {"ingest", "curate", "autoencoder", "pretrain-t2i_low"}
     assert client.get_run(curated.metadata["mlflow_run_id"]).data.metrics["curate.accepted"] == expected["good"]
     # Artifacts went through the server's proxy into --artifacts-destination.
     assert {"report.html", "report.json"} <= {a.path for a in client.list_artifacts(curated.metadata["mlflow_run_id"])}
