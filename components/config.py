@@ -391,8 +391,9 @@ class QualityTuneConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _needs_validation(self) -> "QualityTuneConfig":
-        for name in ("early_stopping_patience", "average_last"):
-            if getattr(self, name) > (0 if name == "early_stopping_patience" else 1) and self.val_every <= 0:
+        in_use = {"early_stopping_patience": self.early_stopping_patience > 0, "average_last": self.average_last > 1}
+        for name, used in in_use.items():
+            if used and self.val_every <= 0:
                 raise ValueError(f"{name} needs val_every > 0 (it acts at validation points)")
         return self
 
