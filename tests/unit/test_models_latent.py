@@ -6,25 +6,16 @@ import json
 import pytest
 import torch
 
-from models.autoencoder import PRESETS, build
+from models.autoencoder import PRESETS
 from models.latent import AutoencoderCodec, PixelCodec, codec_from_dict, latent_stats
+from tests.unit.test_models_autoencoder import _perturbed, _pixels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _autoencoder(seed: int = 0):
     """The tiny preset with weights moved off their identity/zero init, so encoding is non-trivial."""
-    torch.manual_seed(seed)
-    model = build(PRESETS["tiny"])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def _pixels(batch: int, frames: int, size: int = 16, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, frames, size, size, generator=g) * 2 - 1
+    return _perturbed(PRESETS["tiny"], seed)
 
 
 def test_pixel_codec_is_the_identity():
