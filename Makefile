@@ -17,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 export DO_NOT_TRACK=true
 export DVC_NO_ANALYTICS=1
 
-.PHONY: demo test setup demo-data compile lint clean help
+.PHONY: manifests demo test setup demo-data compile lint clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --quiet --upgrade pip
 	$(BIN)/pip install --quiet --quiet -c requirements/constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet --quiet -c requirements/constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --quiet -c requirements/constraints.txt --no-deps vbench  # evaluation prompts only
 	touch $@
 
 setup: $(STAMP) demo-data  ## create .venv and install the project and the demo data
@@ -47,6 +48,14 @@ test: setup  ## run the test suite
 
 compile: $(STAMP)  ## write the pipelines' IR YAML to build/pipelines
 	$(BIN)/reelforge compile --out build/pipelines
+
+manifests: $(STAMP)  ## render infra/k8s overlays into build/k8s and check them (schemas + policy)
+	@mkdir -p build/k8s
+	@for overlay in dev prod; do kubectl kustomize infra/k8s/overlays/$$overlay > build/k8s/$$overlay.yaml || exit 1; done
+	$(BIN)/python -c "import sys, yaml; from components.kube import schema, policy; \
+	objs = [o for f in ('build/k8s/dev.yaml', 'build/k8s/prod.yaml') for o in yaml.safe_load_all(open(f)) if o]; \
+	problems = schema.validate_objects(objs, custom_kinds=['TrainingRuntime']) + [str(v) for v in policy.check(objs)]; \
+	print('\n'.join(problems) or f'{len(objs)} objects: valid and within policy'); sys.exit(bool(problems))"
 
 clean:  ## remove the venv and demo outputs
 	rm -rf $(VENV) work build .pytest_cache

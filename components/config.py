@@ -410,8 +410,23 @@ class SamplingConfig(_Section):
 class EvaluateConfig(_Section):
     """Fixed prompt set and metrics for comparing models side by side."""
 
-    prompts: str = Field("demo", description="Committed prompt set (components/evaluate/prompts/<name>.jsonl) or a path.")
-    max_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts (tests).")
+    prompts: str = Field("demo", description="Main prompt set: a committed set (components/evaluate/prompts/"
+                         "<name>.jsonl) or a JSONL path. Alignment, category accuracy, FID/KID and the A/B "
+                         "judge are computed on it, so its categories should match the training data's.")
+    max_prompts: int | None = Field(None, gt=0, description="Use only N prompts of the main set, evenly spread (tests).")
+    extra_prompt_sets: list[str] = Field(
+        default_factory=lambda: ["vbench"], description="More prompt sets scored on the metrics that need no "
+        "reference data (aesthetic, diversity), overall and per category: 'vbench' (VBench's 946 prompts, "
+        "category = first dimension; needs `pip install --no-deps vbench==0.1.5`), a committed set or a path."
+    )
+    max_extra_prompts: int | None = Field(
+        32, gt=0, description="Prompts per extra set, spread over its categories (None = all; VBench has 946)."
+    )
+    latency_repeats: int = Field(3, ge=1, description="Timed generations (after one warm-up) per batch size; "
+                                 "latency is their median.")
+    champion: bool = Field(True, description="Also evaluate the registry's current champion "
+                           "(models:/<register.model_name>@<register.champion_alias>) and the student's A/B win "
+                           "rate against it; skipped when there is none.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     knn: int = Field(5, gt=0, description="Neighbours for the retrieval-based alignment metric.")
     grid_prompts: int = Field(16, gt=0, description="Prompts shown in the logged sample grid.")
@@ -421,12 +436,262 @@ class EvaluateConfig(_Section):
     )
 
 
-class RegisterConfig(_Section):
-    """Where the model goes in the MLflow registry."""
+class TeacherConfig(_Section):
+    """One member of the distillation teacher ensemble."""
 
-    model_name: str = Field("reelforge-teacher", min_length=1, description="Registered model name.")
+    source: str = Field(
+        ..., min_length=1, description="'tuned' (this pipeline's quality-tuned model), 'pretrained' (its last "
+        "pretraining stage), a model directory, or a registry URI such as models:/reelforge-teacher/3 (e.g. a "
+        "quality-tuning run with another seed or data slice)."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative weight of this teacher's guided velocity (normalised to sum 1).")
+
+
+class DistillConfig(TrainConfig):
+    """Few-step student from an ensemble of teachers (animated stickers; Meng et al. 2023).
+
+    Phase 1, guidance distillation: the student takes the guidance scale as an input and learns
+    the ensemble's classifier-free-guided velocity in one forward pass. Phase 2, progressive
+    distillation (Salimans & Ho 2022): rounds that halve the steps from `teacher_steps` to
+    `student_steps`, each student matching two steps of the previous one in one.
+    """
+
+    teachers: list[TeacherConfig] = Field(
+        default_factory=lambda: [TeacherConfig(source="tuned", weight=1.0)],
+        description="Teacher ensemble: sources and weights.",
+    )
+    steps: int = Field(200, gt=0, description="Optimizer steps of phase 1 (guidance distillation).")
+    round_steps: int = Field(100, gt=0, description="Optimizer steps of each progressive-distillation round.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (every phase and round).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps (every phase and round).")
+    teacher_steps: int = Field(32, gt=1, description="Steps of the teacher grid that the rounds halve: "
+                               "student_steps x 2^rounds.")
+    student_steps: int = Field(4, gt=0, description="Sampling steps of the final student (stickers: 8).")
+    guidance_min: float = Field(1.0, ge=0, description="Lowest guidance scale the student learns.")
+    guidance_max: float = Field(8.0, ge=0, description="Highest guidance scale the student learns.")
+    student_depth: int | None = Field(
+        None, gt=0, description="Transformer blocks of the student (None = the teacher's); a shallower student "
+        "starts from teacher blocks spaced evenly through the depth."
+    )
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA decay of the student weights used for sampling.")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="Unused by distillation (the guidance input "
+                                   "replaces the empty caption); kept at 0.")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "DistillConfig":
+        ratio = self.teacher_steps / self.student_steps
+        if self.teacher_steps % self.student_steps or ratio < 1 or int(ratio) & (int(ratio) - 1):
+            raise ValueError(f"teacher_steps {self.teacher_steps} must be student_steps {self.student_steps} "
+                             "times a power of 2 (each progressive round halves the steps)")
+        if self.guidance_min > self.guidance_max:
+            raise ValueError("guidance_min is above guidance_max")
+        if not self.teachers:
+            raise ValueError("teachers must name at least one teacher")
+        return self
+
+    def rounds(self) -> int:
+        """Progressive-distillation rounds: log2(teacher_steps / student_steps)."""
+        return (self.teacher_steps // self.student_steps).bit_length() - 1
+
+
+class GateConfig(_Section):
+    """When a new version of the deployable model becomes `champion` by itself."""
+
+    enabled: bool = Field(True, description="Promote automatically when every check passes (False: only by hand).")
+    min_alignment: float = Field(0.0, ge=0, le=1, description="Candidate's text-image alignment must reach this.")
+    min_aesthetic: float = Field(0.0, ge=0, le=1, description="Candidate's aesthetic score must reach this.")
+    max_fid: float | None = Field(None, gt=0, description="Candidate's FID must not exceed this (None = no limit).")
+    max_latency_ms: float | None = Field(None, gt=0, description="Median ms per image at the model's steps "
+                                         "(batched) must not exceed this (None = no limit).")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="Pairwise win rate against the current champion "
+                                "must exceed this (no champion yet: the check passes).")
+    require_significant: bool = Field(False, description="Also require the win rate's 95% interval to lie above "
+                                      "min_win_rate.")
+
+
+class RegisterConfig(_Section):
+    """Where models go in the MLflow registry, and the aliases that mark their state."""
+
+    model_name: str = Field("reelforge", min_length=1, description="Registered name of the deployable (distilled) "
+                            "model; the quality-tuned teacher is registered as '<model_name>-teacher'.")
     alias: str = Field("candidate", min_length=1, description="Alias set on every new version.")
+    champion_alias: str = Field("champion", min_length=1, description="Alias of the version in production.")
+    previous_alias: str = Field("previous", min_length=1, description="Alias the replaced champion moves to "
+                                "(what `reelforge rollback` restores).")
+    gate: GateConfig = Field(default_factory=GateConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Serving defaults.")
+
+    @property
+    def teacher_name(self) -> str:
+        """Registered name of the teacher (quality-tuned) model."""
+        return f"{self.model_name}-teacher"
+
+
+class ServeConfig(_Section):
+    """`reelforge serve`: limits and batching of the HTTP inference service."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0 = any free port).")
+    max_prompt_chars: int = Field(500, gt=0, description="Longer prompts are refused (422).")
+    max_side: int = Field(256, ge=8, description="Largest width or height in pixels (422 above).")
+    max_frames: int = Field(33, ge=1, description="Most frames per clip (422 above).")
+    max_steps: int = Field(100, ge=1, description="Most sampling steps per request (422 above).")
+    max_body_bytes: int = Field(16_384, gt=0, description="Request bodies above this are refused (413).")
+    request_timeout_s: float = Field(60.0, gt=0, description="A request not answered within this gets 504.")
+    queue_size: int = Field(64, gt=0, description="Requests waiting at most; more get 429.")
+    max_batch: int = Field(8, gt=0, description="Micro-batching: concurrent compatible requests per model call.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for others.")
+    poll_interval_s: float = Field(10.0, gt=0, description="How often the registry alias is checked for a new version.")
+    auth_token_env: str = Field("REELFORGE_API_TOKEN", description="Environment variable holding the bearer token; "
+                                "requests need it when it is set (the token itself never goes in a recipe).")
+
+
+class DeployConfig(_Section):
+    """The deploy stage: the service on this machine, or a Kubernetes Deployment/Service/HPA."""
+
+    target: Literal["local", "kubernetes"] = Field("local", description="local = start `reelforge serve` on the "
+                                                   "registered version, smoke-test it, stop it; kubernetes = apply "
+                                                   "the manifests through the Kubernetes API.")
+    alias: str = Field("champion", min_length=1, description="Which alias the service follows.")
+    namespace: str = Field("reelforge", min_length=1, description="Kubernetes namespace.")
+    replicas: int = Field(1, ge=1, description="Initial replicas (the HPA's minimum).")
+    max_replicas: int = Field(4, ge=1, description="HPA maximum.")
+    target_cpu_utilization: int = Field(70, ge=1, le=100, description="HPA target average CPU utilisation (%).")
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per pod (0 = CPU serving).")
+    cpu: str = Field("4", description="CPU request per pod.")
+    memory: str = Field("16Gi", description="Memory request and limit per pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels of the GPU pool.")
+    tolerations: list[dict[str, str]] = Field(default_factory=list, description="Tolerations for the GPU pool's taints.")
+    service_account: str = Field("reelforge-serving", description="Service account the pods run as.")
+    tracking_uri_secret: str = Field("reelforge-mlflow", description="Secret with MLFLOW_TRACKING_URI (and token) "
+                                     "for the pods, referenced, never embedded.")
+    smoke_prompt: str = Field("a red apple", min_length=1, description="Prompt of the post-deploy smoke request.")
+    smoke_steps: int | None = Field(None, ge=1, description="Sampling steps of the smoke request (None = the "
+                                    "model's own default, e.g. a distilled student's few steps).")
+    smoke_timeout_s: float = Field(300.0, gt=0, description="local: how long the smoke request may take.")
+    ready_timeout_s: float = Field(600.0, gt=0, description="local: how long the server may take to load the "
+                                   "model and answer /readyz with 200.")
+    stop_grace_s: float = Field(10.0, gt=0, description="local: seconds between SIGTERM and SIGKILL when the "
+                                "smoke-tested server is stopped.")
+    rollout_timeout_s: int = Field(900, gt=0, description="kubernetes: how long the Deployment may take to roll "
+                                   "out (also its progressDeadlineSeconds).")
+    startup_timeout_s: int = Field(600, ge=5, description="kubernetes: how long a pod may take to start serving "
+                                   "/healthz (model download and load) before it is restarted.")
+    model_cache_size: str = Field("32Gi", min_length=1, description="kubernetes: size limit of the emptyDir the "
+                                  "model artifacts are downloaded into.")
+
+
+# Kubernetes quantities: CPU "500m", "4", "0.5"; memory/storage "512Mi", "16Gi", "1G", "1e9".
+_CPU = r"^([0-9]+(\.[0-9]+)?m?)$"
+_BYTES = r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[KMGTPE]i?|k)?$"
+# Tasks of the compiled pipelines that a `resources.tasks` entry may name (pretrain covers every stage).
+CLUSTER_TASKS = ("ingest", "curate", "list_raw_shards", "curate_shard", "curate_merge", "autoencoder", "pretrain",
+                 "quality_tune", "distill", "evaluate", "register", "deploy", "champion")
+
+
+def _quantity(value: str | None, pattern: str, what: str) -> str | None:
+    import re
+
+    if value is not None and not re.match(pattern, str(value)):
+        example = "'500m' or '4'" if what == "cpu" else "'512Mi' or '16Gi' (Ki/Mi/Gi, not KB/MB/GB)"
+        raise ValueError(f"{what} {value!r} is not a Kubernetes quantity; use e.g. {example}")
+    return None if value is None else str(value)
+
+
+class TaskResources(_Section):
+    """What one pipeline task asks of the cluster (kfp.local ignores all of it)."""
+
+    cpu: str | None = Field(None, description="CPU request, e.g. '4' or '500m' (None = the default's).")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. '16Gi' (None = the default's).")
+    gpus: int | None = Field(None, ge=0, description="Accelerators (gpu_pool.accelerator) per task; > 0 also "
+                             "schedules the task on the GPU pool (None = the default's).")
+    shm_size: str | None = Field(None, description="Size of a memory-backed /dev/shm (DataLoader workers and NCCL "
+                                 "need more than the container default of 64Mi); None = none.")
+    retries: int | None = Field(None, ge=0, le=10, description="Retries after a failure (None = the default's).")
+    backoff_s: float | None = Field(None, ge=0, description="Wait before the first retry, seconds.")
+    backoff_factor: float | None = Field(None, ge=1, description="Each later retry waits this many times longer.")
+    backoff_max_s: float | None = Field(None, ge=0, description="Longest wait between retries, seconds.")
+    timeout_s: int | None = Field(None, gt=0, description="The task fails after running this long (seconds).")
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: str | None) -> str | None:
+        return _quantity(value, _CPU, "cpu")
+
+    @field_validator("memory", "shm_size")
+    @classmethod
+    def _bytes(cls, value: str | None) -> str | None:
+        return _quantity(value, _BYTES, "memory")
+
+    def over(self, default: "TaskResources") -> "TaskResources":
+        """These settings, with the ones left unset taken from `default`."""
+        mine = self.model_dump(exclude_none=True)
+        return TaskResources(**{**default.model_dump(exclude_none=True), **mine})
+
+
+class GpuPool(_Section):
+    """How tasks that need accelerators reach the GPU nodes."""
+
+    accelerator: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource name of the "
+                             "accelerator (the KFP accelerator type).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels of the GPU pool, e.g. "
+                                          "{'nvidia.com/gpu.present': 'true'}.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for the pool's "
+                                              "taints: key, operator (Equal/Exists), value, effect.")
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        allowed = {"key", "operator", "value", "effect", "toleration_seconds"}
+        for index, toleration in enumerate(value):
+            unknown = set(toleration) - allowed
+            if unknown:
+                raise ValueError(f"tolerations[{index}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"tolerations[{index}].operator must be Equal or Exists")
+            if toleration.get("effect") not in (None, "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError(f"tolerations[{index}].effect must be NoSchedule, PreferNoSchedule or NoExecute")
+        return value
+
+
+class SecretRef(_Section):
+    """A Kubernetes secret the tasks read as environment variables; the values never appear in the IR."""
+
+    name: str = Field(..., min_length=1, description="Secret name in the pipeline's namespace.")
+    env: dict[str, str] = Field(..., min_length=1, description="Environment variable -> key in the secret.")
+
+
+class ResourcesConfig(_Section):
+    """Cluster settings of the compiled pipelines: requests, GPUs, secrets, retries, timeouts per task."""
+
+    default: TaskResources = Field(default_factory=lambda: TaskResources(cpu="1", memory="4Gi", gpus=0, retries=0,
+                                                                         backoff_s=60, backoff_factor=2,
+                                                                         backoff_max_s=3600),
+                                   description="Every task's settings unless its `tasks` entry overrides them.")
+    gpu_pool: GpuPool = Field(default_factory=GpuPool, description="Where tasks with gpus > 0 run.")
+    secrets: dict[Literal["tracking", "storage"], SecretRef | None] = Field(
+        default_factory=dict, description="tracking: MLflow URI and credentials (every task that logs to MLflow); "
+        "storage: S3 credentials for tasks that move data through S3 themselves; null = none (e.g. prod with IRSA "
+        "workload identity, where the pod's service account gives S3 access).")
+    tasks: dict[str, TaskResources] = Field(default_factory=dict, description=f"Per-task settings; task names: "
+                                            f"{', '.join(CLUSTER_TASKS)}.")
+    trainjob_node: TaskResources = Field(
+        default_factory=lambda: TaskResources(cpu="16", memory="128Gi", gpus=8, shm_size="64Gi"),
+        description="Each node of a multi-node TrainJob (pretrain.num_nodes > 1): its requests, GPUs (set them to "
+        "pretrain.devices) and /dev/shm; the pretrain task itself then only launches and follows the job.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, TaskResources]) -> dict[str, TaskResources]:
+        unknown = sorted(set(value) - set(CLUSTER_TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; tasks are: {', '.join(CLUSTER_TASKS)}")
+        return value
+
+    def for_task(self, name: str) -> TaskResources:
+        """The settings of task `name` (`pretrain_continue` counts as `pretrain`), merged over `default`."""
+        name = "pretrain" if name.startswith("pretrain") else name
+        return self.tasks.get(name, TaskResources()).over(self.default)
 
 
 class TrackingConfig(_Section):
@@ -457,8 +722,12 @@ class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     quality_tune: QualityTuneConfig = Field(default_factory=QualityTuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

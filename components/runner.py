@@ -95,8 +95,14 @@ STAGES: dict[str, StageSpec] = {
     # One run per pretraining stage: the `stage` option names it (run name pretrain-<stage>).
     "pretrain": StageSpec("components.pretrain.stage", ("model", "text", "pretrain", "evaluate"), deterministic=False),
     "quality_tune": StageSpec("components.quality_tune.stage", ("text", "quality_tune", "evaluate"), deterministic=False),
-    "evaluate": StageSpec("components.evaluate.stage", ("text", "curate", "evaluate"), deterministic=False),
+    "distill": StageSpec("components.distill.stage", ("text", "distill", "evaluate"), deterministic=False),
+    # register: the champion it compares with is models:/<register.model_name>@<register.champion_alias>.
+    "evaluate": StageSpec("components.evaluate.stage", ("text", "curate", "evaluate", "register"), deterministic=False),
     "register": StageSpec("components.register.stage", ("register",), deterministic=False),
+    "deploy": StageSpec("components.deploy.stage", ("deploy", "serve"), deterministic=False),
+    # Retraining (pipelines/retraining.py): what the registry's champion was made from, then only new files.
+    "champion": StageSpec("components.retrain.stage", ("register",), deterministic=False),
+    "ingest_new": StageSpec("components.ingest.stage", ("ingest",), deterministic=False, entry="new_stage"),
 }
 
 

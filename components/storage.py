@@ -184,3 +184,66 @@ def dataset_hash(directory: Path) -> str:
         if recorded:
             return str(recorded)
     return directory_hash(Path(directory))
+
+
+# --- directories at a URI (s3:// or a local path): how a multi-node TrainJob gets its inputs and
+# hands its model back. Endpoint and credentials come from the standard AWS environment
+# (AWS_ENDPOINT_URL_S3 / MLFLOW_S3_ENDPOINT_URL for S3-compatible stores, IRSA or keys).
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} names no bucket (expected s3://<bucket>/<prefix>)")
+    return bucket, prefix.strip("/")
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
+
+
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def download_dir(uri: str, destination: Path) -> Path:
+    """Copy every file under `uri` (s3://bucket/prefix, file:// or a path) into `destination`."""
+    import shutil
+
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    if not uri.startswith("s3://"):
+        shutil.copytree(_local(uri), destination, dirs_exist_ok=True)
+        return destination
+    bucket, prefix = _s3_location(uri)
+    client, found = _s3_client(), 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix):].lstrip("/")
+            if not relative:
+                continue
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, item["Key"], str(target))
+            found += 1
+    if not found:
+        raise FileNotFoundError(f"nothing under {uri}")
+    return destination
+
+
+def upload_dir(source: Path, uri: str) -> int:
+    """Copy every file under `source` to `uri` (s3://bucket/prefix, file:// or a path); returns the count."""
+    import shutil
+
+    files = [p for p in sorted(Path(source).rglob("*")) if p.is_file()]
+    if not uri.startswith("s3://"):
+        shutil.copytree(source, _local(uri), dirs_exist_ok=True)
+        return len(files)
+    bucket, prefix = _s3_location(uri)
+    client = _s3_client()
+    for path in files:
+        key = "/".join(part for part in (prefix, path.relative_to(source).as_posix()) if part)
+        client.upload_file(str(path), bucket, key)
+    return len(files)

@@ -132,33 +132,61 @@ def uniform_schedule(num_steps: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, num_steps + 1)
 
 
+def initial_noise(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+                  device: torch.device | str | None) -> torch.Tensor:
+    """X0 ~ N(0, I) float32: one generator for the batch, or one per sample (shape[0] of them).
+
+    Per-sample generators make each sample's noise depend on its own seed only, so a request
+    micro-batched with others gets the same image as alone.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return _randn(shape, generator, device)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return torch.cat([_randn((1, *shape[1:]), g, device) for g in generators])
+
+
 @torch.no_grad()
 def sample(
     model: VelocityModel,
     text_tokens: torch.Tensor,
     text_mask: torch.Tensor,
     text_pooled: torch.Tensor,
-    null_tokens: torch.Tensor,
-    null_mask: torch.Tensor,
-    null_pooled: torch.Tensor,
+    null_tokens: torch.Tensor | None,
+    null_mask: torch.Tensor | None,
+    null_pooled: torch.Tensor | None,
     steps: int,
     guidance_scale: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     shape: Sequence[int],
     solver: Literal["euler", "heun"] = "euler",
     schedule: Literal["linear_quadratic", "uniform"] = "linear_quadratic",
     autocast_dtype: torch.dtype | None = None,
+    times: torch.Tensor | None = None,
+    guidance_input: bool = False,
 ) -> torch.Tensor:
     """Integrate the velocity field from noise (t=0) to data (t=1) with classifier-free guidance.
 
-    text_* are [B,L,D]/[B,L]/[B,D]; null_* (the empty-caption embedding) may have batch 1 and are
-    broadcast. ``shape`` is the full [B,C,H,W]. Guided velocity is v_u + s * (v_c - v_u), computed
-    with one batched forward of cond+uncond; s == 1 skips the unconditional half. The model's
-    train/eval mode is left to the caller. Returns float32 x at t=1 (unclamped, data space).
+    text_* are [B,L,D]/[B,L]/[B,D]; null_* (the empty caption, or per-sample negative prompts)
+    may have batch 1 and are broadcast. ``shape`` is the full [B,C,...]. ``times`` [steps+1]
+    replaces ``schedule`` (a distilled student's nested grid). ``generator`` is one generator or
+    one per sample (see :func:`initial_noise`).
+
+    Guidance: a CFG model gets v_u + s * (v_c - v_u) from one batched forward of cond + uncond
+    (s == 1 skips the unconditional half). A guidance-distilled model (``guidance_input``) takes
+    s as an input and needs one forward per step; the caller marks it with ``guidance_input``
+    and passes ``null_*`` as None, or passes negative prompts in ``null_*``, which runs CFG on
+    top of the student at input scale 1. The model's train/eval mode is left to the caller.
+    Returns float32 x at t=1 (unclamped, data space).
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
-    if schedule == "linear_quadratic":
+    if times is not None:
+        times = times.float()
+        if times.ndim != 1 or len(times) != steps + 1:
+            raise ValueError(f"times must have steps + 1 = {steps + 1} points, got shape {list(times.shape)}")
+    elif schedule == "linear_quadratic":
         times = linear_quadratic_schedule(steps)
     elif schedule == "uniform":
         times = uniform_schedule(steps)
@@ -169,9 +197,12 @@ def sample(
     if text_tokens.shape[0] != batch:
         raise ValueError(f"text batch {text_tokens.shape[0]} does not match shape batch {batch}")
     device = text_tokens.device
-    guided = not math.isclose(guidance_scale, 1.0)
+    # CFG (two passes) whenever an unconditional / negative branch is given; a guidance-input student
+    # with a negative prompt then runs at input scale 1 (its own guidance is toward the empty caption).
+    two_pass = null_tokens is not None and not math.isclose(guidance_scale, 1.0)
+    model_scale = 1.0 if two_pass else guidance_scale
 
-    if guided:
+    if two_pass:
         tokens = torch.cat([text_tokens, null_tokens.to(text_tokens).expand(batch, -1, -1)])  # [2B, L, D]
         mask = torch.cat([text_mask.bool(), null_mask.to(device).bool().expand(batch, -1)])  # [2B, L]
         pooled = torch.cat([text_pooled, null_pooled.to(text_pooled).expand(batch, -1)])  # [2B, D]
@@ -179,17 +210,18 @@ def sample(
         tokens, mask, pooled = text_tokens, text_mask.bool(), text_pooled
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x  # [2B or B, C, H, W]
+        x_in = torch.cat([x, x]) if two_pass else x  # [2B or B, C, ...]
         t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.float32)
+        extra = {"guidance": torch.full_like(t_in, model_scale)} if guidance_input else {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            v = model(x_in, t_in, tokens, mask, pooled)
+            v = model(x_in, t_in, tokens, mask, pooled, **extra)
         v = v.float()
-        if not guided:
+        if not two_pass:
             return v
         v_cond, v_uncond = v.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    x = _randn(shape, generator, device)  # X0 ~ N(0, I), [B, C, H, W]
+    x = initial_noise(shape, generator, device)  # X0 ~ N(0, I), [B, C, ...]
     for i in range(steps):
         t0, t1 = float(times[i]), float(times[i + 1])
         dt = t1 - t0

@@ -18,7 +18,7 @@ import torch
 
 from models.checkpoint import load_model_dir, load_weights
 from models.dit import DiT, DiTConfig
-from models.flow import sample
+from models.flow import linear_quadratic_schedule, sample, uniform_schedule
 from models.latent import PixelCodec, codec_from_dict
 from models.text_encoder import TextEmbeddings, TextEncoder
 
@@ -71,40 +71,97 @@ class TextToImage:
         """Side of the square images this model makes by default, in pixels."""
         return int(self.model.config.image_size) * int(self.codec.spatial_downsample)
 
+    @property
+    def distilled(self) -> bool:
+        """True for a guidance-distilled student: one forward pass per step, guidance as an input."""
+        return bool(self.model.config.guidance_embed)
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps the model directory recommends (a distilled student: its own few steps)."""
+        return int((self.config.get("sampling") or {}).get("steps", 25))
+
+    @property
+    def default_guidance(self) -> float:
+        """Guidance scale the model directory recommends."""
+        return float((self.config.get("sampling") or {}).get("guidance", 4.0))
+
+    def sampling_times(self, steps: int) -> torch.Tensor:
+        """Sampling grid [steps+1] in 0..1.
+
+        A progressively distilled student learned jumps between points of nested uniform grids
+        (each round's grid is every other point of the previous one), so it samples on the
+        uniform grid; a teacher uses Movie Gen's linear-quadratic schedule. (Nested
+        linear-quadratic grids would spend half of a 4-step student's steps below t = 0.025.)
+        """
+        if self.distilled:
+            return uniform_schedule(steps)
+        return linear_quadratic_schedule(steps)
+
     @torch.inference_mode()
     def generate_tensor(
         self,
         prompts: Sequence[str] | TextEmbeddings,
-        steps: int = 25,
-        guidance: float = 4.0,
-        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | Sequence[int] = 0,
         solver: str = "euler",
         batch_size: int = 32,
         autocast_dtype: torch.dtype | None = None,
         frames: int = 1,
         height: int | None = None,
         width: int | None = None,
+        negative_prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Pixels in [-1,1]: [B,C,H,W] images when frames == 1, else [B,C,T,H,W] clips.
 
+        `steps`/`guidance` default to the model directory's sampling settings. `seed` is one seed
+        for the batch, or one per prompt (each sample's noise then depends only on its own seed,
+        so batching requests together does not change any of them). `negative_prompts` (one per
+        prompt, "" = none) replace the empty caption as the unconditional branch of guidance.
         `frames`, `height`, `width` are pixel sizes (default: one frame at the trained image
         size); they must fit the latent space (1 + a multiple of the temporal downsampling,
         multiples of the spatial downsampling). Same prompts + seed -> same output.
         """
         embeddings = prompts if isinstance(prompts, TextEmbeddings) else self.text_encoder.encode(list(prompts))
-        generator = torch.Generator().manual_seed(seed)
+        count = len(embeddings)
+        steps = int(steps if steps is not None else self.default_steps)
+        guidance = float(guidance if guidance is not None else self.default_guidance)
+        if isinstance(seed, int):
+            generators: list[torch.Generator] | None = None
+            shared = torch.Generator().manual_seed(seed)
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != count:
+                raise ValueError(f"{len(seeds)} seeds for {count} prompts")
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+        negatives = None
+        if negative_prompts is not None:
+            if len(negative_prompts) != count:
+                raise ValueError(f"{len(negative_prompts)} negative prompts for {count} prompts")
+            if any(negative_prompts):
+                negatives = self.text_encoder.encode([str(n) for n in negative_prompts])
         config = self.model.config
         height, width = height or self.image_size, width or self.image_size
         _, latent_frames, latent_height, latent_width = self.codec.latent_shape(frames, height, width)
+        times = self.sampling_times(steps)
         outputs = []
-        for start in range(0, len(embeddings), batch_size):
-            chunk = embeddings.select(slice(start, start + batch_size))
+        for start in range(0, count, batch_size):
+            window = slice(start, start + batch_size)
+            chunk = embeddings.select(window)
+            if negatives is not None:
+                null = negatives.select(window)
+            elif self.distilled:
+                null = None  # guidance is the student's input: one pass per step
+            else:
+                null = self.null_text
             shape = (len(chunk), config.in_channels, latent_frames, latent_height, latent_width)
             latents = sample(
                 self.model, chunk.tokens, chunk.mask, chunk.pooled,
-                self.null_text.tokens, self.null_text.mask, self.null_text.pooled,
-                steps=steps, guidance_scale=guidance, generator=generator, shape=shape, solver=solver,
-                autocast_dtype=autocast_dtype,
+                *((null.tokens, null.mask, null.pooled) if null is not None else (None, None, None)),
+                steps=steps, guidance_scale=guidance, shape=shape, solver=solver, times=times,
+                generator=shared if generators is None else generators[window],
+                autocast_dtype=autocast_dtype, guidance_input=self.distilled,
             )
             outputs.append(self.codec.decode(latents))  # [b, 3, T, H, W]
         pixels = torch.cat(outputs).clamp(-1, 1)

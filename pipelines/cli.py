@@ -1,16 +1,24 @@
 """The `reelforge` command line: one verb per action, one table from stage verb to stage.
 
     reelforge run      [--recipe demo] [--workdir DIR] [--source SOURCE]   whole pipeline, locally
+                       [--pipeline training|curation|retraining]
     reelforge compile  [--out DIR]                                       IR YAML for the KFP UI
     reelforge <stage>  --recipe R ... --out DIR                          one stage alone (DVC, cluster)
     reelforge recipes                                                    list / show recipes
     reelforge review   export|import ...                                 human review of a curated dataset
+    reelforge serve    --model models:/NAME@ALIAS | --model-dir DIR      the HTTP inference service
+    reelforge deploy   --model-uri models:/NAME/VERSION [--target ...]  smoke-test locally or roll out on Kubernetes
+    reelforge promote  NAME --version N                                 make version N the champion
+    reelforge rollback NAME                                             champion back to the previous version
+    reelforge submit   PIPELINE --host URL                               start a run on a KFP cluster
+    reelforge schedule PIPELINE --cron '0 0 3 * * *' --host URL          recurring run (KFP cron: 6 fields)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,10 +38,17 @@ STAGE_VERBS: dict[str, tuple[str, dict[str, str], str | None, str]] = {
     "quality-tune": ("quality_tune", {"--dataset": "dataset", "--base-model": "base_model",
                                       "--autoencoder": "autoencoder?"}, "model",
                      "fine-tune on the highest-quality samples"),
-    "evaluate": ("evaluate", {"--dataset": "dataset", "--pretrained": "pretrained", "--tuned": "tuned"},
-                 "evaluation", "compare the pretrained and tuned models on the prompt set"),
-    "register": ("register", {"--model": "model", "--dataset": "dataset", "--evaluation": "evaluation"}, None,
-                 "register a model in the MLflow registry"),
+    "distill": ("distill", {"--tuned": "tuned", "--pretrained": "pretrained?", "--dataset": "dataset",
+                            "--autoencoder": "autoencoder?"}, "model",
+                "distil the tuned model (+ distill.teachers) into a few-step, guidance-embedded student"),
+    "evaluate": ("evaluate", {"--dataset": "dataset", "--pretrained": "pretrained", "--tuned": "tuned",
+                              "--student": "student", "--champion": "champion?"},
+                 "evaluation", "compare the untrained floor, pretrained, tuned, distilled student and the registry's "
+                 "champion (or --champion DIR) on the prompt sets: metrics, A/B win rates, model card"),
+    "register": ("register", {"--student": "student", "--teacher": "teacher", "--dataset": "dataset",
+                              "--evaluation": "evaluation"}, None,
+                 "register the distilled student and its teacher in the MLflow registry, then apply the "
+                 "promotion gate (passing: the student becomes champion)"),
 }
 
 
@@ -68,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "evaluate -> register) or the curation pipeline (ingest -> ParallelFor over raw shards "
                            "-> global merge/dedup) through kfp.local on this machine.")
     _add_recipe_args(run)
-    run.add_argument("--pipeline", choices=["training", "curation"], default="training",
-                     help="which pipeline (default: training)")
+    run.add_argument("--pipeline", choices=["training", "curation", "retraining"], default="training",
+                     help="which pipeline (default: training; retraining starts from the registry's champion in "
+                     "WORKDIR and ingests only files its dataset has not seen)")
     run.add_argument("--workdir", type=Path, default=Path("work"),
                      help="where outputs, mlflow.db and the cache go (default: ./work)")
     run.add_argument("--source", default="",
@@ -85,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument("name", nargs="?", help="recipe to print")
 
     _add_review_parser(verbs)
+    _add_serve_parser(verbs)
+    _add_deploy_parser(verbs)
+    _add_kfp_parsers(verbs)
+    _add_alias_parsers(verbs)
 
     for verb, (stage, input_flags, output, help_text) in STAGE_VERBS.items():
         sub = verbs.add_parser(verb, help=f"run the {stage} stage alone: {help_text}")
@@ -138,6 +158,134 @@ def _add_review_parser(verbs: Any) -> None:
                          help="review directory: labels.parquet + aesthetic_head.safetensors go here")
 
 
+def _add_deploy_parser(verbs: Any) -> None:
+    deploy = verbs.add_parser(
+        "deploy", help="serve a registered model version: smoke-test it locally, or roll it out on Kubernetes",
+        description="Deploy a registered version (models:/NAME/VERSION, what `reelforge register` prints). The "
+        "service follows the recipe's deploy.alias (champion) when the version is the champion, else serves that "
+        "exact version. local: start `reelforge serve` on a free loopback port, send one generation request, "
+        "check the PNG, stop the server. kubernetes: apply Deployment/Service/HPA through the API (in-cluster "
+        "credentials or your kubeconfig) and wait for the rollout. MLFLOW_TRACKING_URI names the registry.")
+    _add_recipe_args(deploy)
+    deploy.add_argument("--model-uri", required=True, help="models:/NAME/VERSION (or models:/NAME@ALIAS)")
+    deploy.add_argument("--target", choices=["local", "kubernetes"], default=None,
+                        help="where to deploy (default: the recipe's deploy.target)")
+    deploy.add_argument("--render-only", type=Path, default=None, metavar="DIR",
+                        help="write the Kubernetes manifests to DIR (for kubectl apply -f) and stop: no cluster, "
+                        "no MLflow run")
+    deploy.add_argument("--out", type=Path, default=None,
+                        help="where the smoke image, server log and manifests go (default: WORKDIR/deploy)")
+    deploy.add_argument("--workdir", type=Path, default=Path("work"),
+                        help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+
+
+def _deploy(args: argparse.Namespace, recipe: Any) -> int:
+    from components import tracking
+    from components.deploy.k8s import KubernetesDeployError, ManifestError
+    from components.deploy.stage import DeployError, render_manifests
+
+    tracking.configure(args.workdir)
+    if args.target:
+        recipe = recipe.model_copy(update={"deploy": recipe.deploy.model_copy(update={"target": args.target})})
+    try:
+        if args.render_only is not None:
+            path = render_manifests(recipe.deploy, args.model_uri, args.render_only, recipe.image, recipe.serve,
+                                    recipe.name)
+            print(f"wrote {path}\nnext: kubectl apply -f {path}")
+            return 0
+        from components.runner import RunContext, execute
+        from pipelines.local import git_commit
+
+        result = execute("deploy", recipe, {}, {"deployment": args.out or args.workdir / "deploy"},
+                         RunContext(git_commit=git_commit()), model_uri=args.model_uri)
+    except (DeployError, KubernetesDeployError, ManifestError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.metadata, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _add_alias_parsers(verbs: Any) -> None:
+    promote = verbs.add_parser(
+        "promote", help="make a registered version the champion (the old champion becomes previous)",
+        description="Move the champion alias of registered model NAME to --version; the replaced champion gets "
+        "the previous alias (what `reelforge rollback` restores). Alias names come from the recipe's register "
+        "section. Uses MLFLOW_TRACKING_URI, else sqlite under --workdir.")
+    promote.add_argument("name", help="registered model name, e.g. reelforge")
+    promote.add_argument("--version", required=True, help="the version to promote, e.g. 3")
+    rollback = verbs.add_parser(
+        "rollback", help="move the champion back to the previous version",
+        description="Champion -> the version aliased previous; previous then moves to the champion before that "
+        "(from the model's champion history) or is removed. Fails when there is no previous version.")
+    rollback.add_argument("name", help="registered model name, e.g. reelforge")
+    for sub in (promote, rollback):
+        _add_recipe_args(sub)
+        sub.add_argument("--workdir", type=Path, default=Path("work"),
+                         help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+
+
+def _move_aliases(args: argparse.Namespace, recipe: Any) -> int:
+    from components import tracking
+    from components.register import registry
+
+    tracking.configure(args.workdir)
+    config = recipe.register
+    client = tracking.client()
+    try:
+        if args.verb == "promote":
+            moves = registry.promote(client, args.name, args.version, config.champion_alias, config.previous_alias)
+        else:
+            moves = registry.rollback(client, args.name, config.champion_alias, config.previous_alias)
+    except registry.RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for move in moves:
+        print(f"{args.name} {move}")
+    if not moves:  # promoting the version that is already champion
+        print(f"{args.name}: v{args.version} is already {config.champion_alias}; nothing moved")
+    return 0
+
+
+def _add_serve_parser(verbs: Any) -> None:
+    serve = verbs.add_parser(
+        "serve", help="serve a model over HTTP (POST /v1/generate, /v1/model, /healthz, /readyz, /metrics)",
+        description="The inference service (FastAPI + uvicorn). --model models:/NAME@ALIAS follows the alias: the "
+        "registry (MLFLOW_TRACKING_URI) is polled every serve.poll_interval_s and a new version is swapped in "
+        "between batches. Limits, batching and auth come from the recipe's serve section (--set serve.KEY=VALUE); "
+        "a bearer token is required when the variable named by serve.auth_token_env is set.")
+    _add_recipe_args(serve)
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="URI", help="registered model: models:/NAME@ALIAS (followed) or "
+                        "models:/NAME/VERSION (pinned), e.g. models:/reelforge@champion")
+    source.add_argument("--model-dir", type=Path, metavar="DIR", help="a model directory (config.json + "
+                        "model.safetensors), e.g. a quality_tune or distill stage output")
+    serve.add_argument("--host", default=None, help="interface to listen on (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="TCP port, 0 = any free one (default: serve.port)")
+    serve.add_argument("--workdir", type=Path, default=Path("work"),
+                       help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+
+
+def _serve(args: argparse.Namespace, recipe: Any) -> int:
+    from components import tracking
+    from components.serve.app import serve
+    from components.serve.model_source import ModelSource, ModelSourceError
+
+    config = recipe.serve.model_copy(update={k: v for k, v in {"host": args.host, "port": args.port}.items()
+                                             if v is not None})
+    if not 0 <= config.port <= 65535:
+        print(f"error: --port {config.port}: expected 0..65535", file=sys.stderr)
+        return 2
+    try:
+        source = ModelSource(args.model, None) if args.model else ModelSource(None, args.model_dir)
+    except ModelSourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.model:
+        tracking.configure(args.workdir)
+    tracking.quiet_environment()
+    return serve(source, config)
+
+
 def _review(args: argparse.Namespace) -> int:
     from components.curate.review import NotACuratedDatasetError, ReviewError, export_review, import_review
 
@@ -175,8 +323,14 @@ def _print_summary(result: Any) -> None:
     table.add_row("work dir", str(result.workdir))
     table.add_row("MLflow", f"{result.tracking_uri}\n(mlflow ui --backend-store-uri {result.tracking_uri})")
     table.add_row("parent run", summary.get("mlflow_parent_run_id", "?"))
-    table.add_row("registered", f"{summary.get('model_name')} version {summary.get('version')} "
-                  f"(alias {summary.get('alias')}) -> models:/{summary.get('model_name')}@{summary.get('alias')}")
+    name, version = summary.get("model_name"), summary.get("version")
+    table.add_row("registered", f"{name} version {version} ({', '.join(summary.get('aliases') or []) or 'no alias'})"
+                  f"{'' if summary.get('created', True) else ', same weights as before'}; teacher {summary.get('teacher')}")
+    table.add_row("gate", f"{summary.get('gate_reason') or ('passed' if summary.get('gate_passed') else 'not passed')}"
+                  f" -> {'promoted to champion' if summary.get('promoted') else 'champion unchanged'}")
+    table.add_row("deploy", f"{summary.get('deploy_status', '')}"
+                  + (f"; smoke request {summary['smoke_latency_ms']:.0f} ms" if "smoke_latency_ms" in summary else ""))
+    table.add_row("serve it", str(summary.get("serve_command", "")))
     table.add_row("dataset", f"sha256 {str(summary.get('dataset_sha256', ''))[:16]}…")
     for key, value in sorted(summary.items()):
         if key.startswith("metric."):
@@ -185,6 +339,76 @@ def _print_summary(result: Any) -> None:
         table.add_row(f"{run_name} time", f"{seconds:.1f} s")
     table.add_row("total", f"{result.seconds:.1f} s")
     console.print(table)
+
+
+def _add_kfp_parsers(verbs) -> None:
+    from pipelines.submit import HOST_ENV, NAMESPACE_ENV, TOKEN_ENV
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        _add_recipe_args(parser)
+        parser.add_argument("pipeline", metavar="PIPELINE",
+                            help="a pipeline name (reelforge-training, reelforge-curation, ...: compiled here from "
+                            "--recipe) or the path of a compiled pipeline YAML")
+        parser.add_argument("--host", default=os.environ.get(HOST_ENV, ""),
+                            help=f"KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default: ${HOST_ENV})")
+        parser.add_argument("--namespace", default=os.environ.get(NAMESPACE_ENV) or None,
+                            help=f"your profile namespace in multi-user KFP (default: ${NAMESPACE_ENV})")
+        parser.add_argument("--token-env", default=TOKEN_ENV, metavar="NAME",
+                            help=f"environment variable holding the bearer token (default: {TOKEN_ENV}); the "
+                            "token itself is never a flag, so it stays out of shell history and ps")
+        parser.add_argument("--experiment", default="reelforge", help="KFP experiment (created if missing)")
+        parser.add_argument("--service-account", default=None,
+                            help="service account the run's pods use, e.g. reelforge-pipeline (infra/k8s RBAC: "
+                            "TrainJobs and the serving deployment); default: the namespace's KFP default")
+        parser.add_argument("--image", default=None, help="container image for every component (default: the recipe's)")
+        parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                            help="pipeline parameter, e.g. --param source=s3://bucket/new (repeatable)")
+
+    submit = verbs.add_parser("submit", help="start a pipeline run on a KFP cluster",
+                              description="Compile PIPELINE from the recipe (or take a compiled YAML) and start one "
+                              "run through the KFP API, as kfp.Client does.")
+    common(submit)
+    submit.add_argument("--run-name", default=None, help="run name (default: <pipeline> <UTC time>)")
+    schedule = verbs.add_parser(
+        "schedule", help="upload a pipeline version and create a KFP recurring run",
+        description="Upload PIPELINE (a new version when it already exists) and create an enabled recurring run on "
+        "it: at most one run at a time, no catch-up after downtime. KFP cron has SIX fields, seconds first: "
+        "'0 0 3 * * *' is 03:00 daily; '@daily' and '@every 6h' also work. A 5-field crontab line is refused.")
+    common(schedule)
+    schedule.add_argument("--cron", required=True, help="6-field KFP cron (seconds first) or @daily/@every <duration>")
+    schedule.add_argument("--job-name", default=None, help="recurring run name (default: <pipeline>-schedule)")
+    schedule.add_argument("--version-name", default=None, help="pipeline version name (default: <pipeline>-<UTC time>)")
+    schedule.add_argument("--max-concurrency", type=int, default=1, help="runs at once (default 1)")
+
+
+def _kfp(args: argparse.Namespace, recipe) -> int:
+    import tempfile
+    import time
+
+    from pipelines.submit import (Connection, CronError, SubmitError, parse_params, pipeline_package, schedule,
+                                  submit, validate_cron)
+
+    try:
+        if args.verb == "schedule":
+            validate_cron(args.cron)  # before compiling or connecting
+        params = parse_params(args.param)
+        connection = Connection(args.host, args.namespace, args.token_env, args.service_account)
+        with tempfile.TemporaryDirectory(prefix="reelforge-submit-") as scratch:
+            package, name = pipeline_package(args.pipeline, recipe, args.image, Path(scratch))
+            if args.verb == "submit":
+                run_name = args.run_name or f"{name} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}"
+                done = submit(connection, package, run_name, args.experiment, params)
+            else:
+                done = schedule(connection, package, name, args.job_name or f"{name}-schedule", args.experiment,
+                                args.cron, params, args.version_name, args.max_concurrency)
+    except CronError as error:
+        print(f"error: --cron: {error}", file=sys.stderr)
+        return 2
+    except SubmitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{done.kind} {done.id}: {done.url}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +427,25 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.verb == "deploy":
+        return _deploy(args, recipe)
+    if args.verb in ("submit", "schedule"):
+        return _kfp(args, recipe)
+    if args.verb in ("promote", "rollback"):
+        return _move_aliases(args, recipe)
 
+    if args.verb == "serve":
+        return _serve(args, recipe)
+    if args.verb == "run" and args.pipeline == "retraining":
+        from pipelines.local import run_retraining
+
+        try:
+            result = run_retraining(recipe, args.workdir, source=args.source, cache=not args.no_cache)
+        except RuntimeError as error:
+            print(f"error: retraining failed: {error}\nThe failing task's log is above.", file=sys.stderr)
+            return 1
+        _print_summary(result)
+        return 0
     if args.verb == "run" and args.pipeline == "curation":
         from pipelines.local import run_curation
 

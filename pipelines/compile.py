@@ -7,12 +7,13 @@ from pathlib import Path
 from kfp import compiler
 
 from components.config import Recipe
-from pipelines import curation, training
+from pipelines import curation, retraining, training
 
 # name -> builder(recipe, image) of each pipeline this project ships
 PIPELINES = {
     training.PIPELINE_NAME: training.build_pipeline,
     curation.PIPELINE_NAME: curation.build_pipeline,
+    retraining.PIPELINE_NAME: retraining.build_pipeline,
 }
 
 

@@ -20,6 +20,7 @@ from kfp import dsl
 
 from components.config import Recipe
 from components.curate.component import curate_merge, curate_shard, list_raw_shards
+from pipelines.cluster import configure, warn_unpinned
 from components.ingest.component import ingest
 
 PIPELINE_NAME = "reelforge-curation"
@@ -33,9 +34,11 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
     loop through kfp.local and then the same merge stage itself. Compiled pipelines always fan in.
     """
     image = image or recipe.image
+    warn_unpinned(image)
     op = lambda face: dsl.component(face, base_image=image, install_kfp_package=False)  # noqa: E731
     ingest_op, list_op, shard_op, merge_op = op(ingest), op(list_raw_shards), op(curate_shard), op(curate_merge)
     default_recipe = recipe.to_json()
+    recipe_obj = recipe  # the pipeline's `recipe` parameter (a JSON string) shadows it inside
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="reelforge: ingest a source and curate it shard-parallel, then merge and dedup globally.")
@@ -43,14 +46,14 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
         common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                       pipeline_name=PIPELINE_NAME, git_commit=git_commit)
         ingest_task = ingest_op(source=source, **common).set_display_name("ingest")
-        ingest_task.set_caching_options(False)  # the source is mutable and not an input artifact
+        configure(ingest_task, "ingest", recipe_obj, cache=False)  # the source is mutable and not an input artifact
         raw = ingest_task.outputs["raw_dataset"]
-        shards = list_op(raw_dataset=raw).set_display_name("list shards")
+        shards = configure(list_op(raw_dataset=raw).set_display_name("list shards"), "list_raw_shards", recipe_obj)
         with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
             score_task = shard_op(shard=shard, raw_dataset=raw, **common).set_display_name("score shard")
-            score_task.set_caching_options(True)
+            configure(score_task, "curate_shard", recipe_obj)
         if fan_in:
             merge_task = merge_op(raw_dataset=raw, scored=dsl.Collected(score_task.outputs["scored"]), **common)
-            merge_task.set_display_name("merge + dedup").set_caching_options(True)
+            configure(merge_task.set_display_name("merge + dedup"), "curate_merge", recipe_obj)
 
     return curation_pipeline

@@ -108,6 +108,22 @@ def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = 
     return LocalRunResult(workdir, uri, summary, seconds, stage_seconds)
 
 
+def run_retraining(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
+    """Execute the retraining pipeline locally against the work dir's registry; raises if any task fails
+    (e.g. "nothing new to train on" when the source holds no file the champion's dataset has not seen)."""
+    from pipelines.retraining import build_pipeline
+
+    workdir = Path(workdir).resolve()
+    uri, commit = _init_local(workdir, cache)
+    started = time.monotonic()
+    task = build_pipeline(recipe)(recipe=recipe.to_json(), source=source, git_commit=commit)
+    seconds = time.monotonic() - started
+    summary = json.loads(task.output)
+    parent = summary.get("mlflow_parent_run_id", "")
+    stage_seconds = _stage_seconds(recipe.tracking.experiment, parent) if parent else {}
+    return LocalRunResult(workdir, uri, summary, seconds, stage_seconds)
+
+
 def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: int = 2) -> LocalRunResult:
     """Execute the curation pipeline locally: ingest -> ParallelFor over raw shards -> global merge.
 

@@ -1,4 +1,4 @@
-"""The training pipeline: ingest -> curate -> autoencoder -> pretrain-<stage>... -> quality_tune -> evaluate -> register.
+"""The training pipeline: ingest -> curate -> autoencoder -> pretrain-<stage>... -> quality_tune -> distill -> evaluate -> register -> deploy.
 
 Pretraining is one task per recipe stage (`pretrain.stages`), each continuing from the
 previous stage's model, so the KFP UI shows T2I, joint T2I+T2V and higher-resolution stages
@@ -18,7 +18,10 @@ from collections.abc import Callable  # no `from __future__ import annotations`:
 from kfp import dsl
 
 from components.config import Recipe
+from pipelines.cluster import configure, warn_unpinned
 from components.curate.component import curate
+from components.deploy.component import deploy
+from components.distill.component import distill
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
 from components.autoencoder.component import autoencoder
@@ -27,7 +30,8 @@ from components.quality_tune.component import quality_tune
 from components.register.component import register
 
 PIPELINE_NAME = "reelforge-training"
-STAGE_ORDER = ["ingest", "curate", "autoencoder", "pretrain", "quality_tune", "evaluate", "register"]
+STAGE_ORDER = ["ingest", "curate", "autoencoder", "pretrain", "quality_tune", "distill", "evaluate", "register",
+               "deploy"]
 _FACES = {
     "ingest": ingest,
     "curate": curate,
@@ -35,14 +39,11 @@ _FACES = {
     "pretrain": pretrain,
     "pretrain_continue": pretrain_continue,
     "quality_tune": quality_tune,
+    "distill": distill,
     "evaluate": evaluate,
     "register": register,
+    "deploy": deploy,
 }
-# KFP caching on a cluster: only where equal inputs mean equal outputs. Ingest reads a
-# mutable source that is not an input artifact, and register/training have side effects or
-# are not bitwise deterministic on GPUs, so their cache is off. (Locally, the stage runner
-# caches ingest and curate by content, including the source's fingerprint.)
-_CACHED_ON_CLUSTER = {"curate"}
 
 
 def component_ops(image: str) -> dict[str, Callable]:
@@ -52,7 +53,9 @@ def component_ops(image: str) -> dict[str, Callable]:
 
 def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
     """The training pipeline function for `recipe` (its JSON is the `recipe` parameter default)."""
-    ops = component_ops(image or recipe.image)
+    image = image or recipe.image
+    warn_unpinned(image)
+    ops = component_ops(image)
     default_recipe = recipe.to_json()
     # The DAG's shape (one task per pretraining stage) is fixed at compile time from this recipe;
     # a recipe edited in the KFP UI may change values, not the list of stages.
@@ -61,7 +64,8 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="reelforge: curate data, train the latent autoencoder, pretrain a flow-matching text-to-image/"
-        "video model in stages, quality-tune, evaluate side by side and register in MLflow.",
+        "video model in stages, quality-tune, distill a few-step student, evaluate against the champion, register "
+        "and promote in MLflow, deploy the inference service.",
     )
     def training_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> str:
         common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -86,13 +90,24 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
         pretrained = previous.outputs["model"]
         tune_task = ops["quality_tune"](dataset=dataset, autoencoder=latent, base_model=pretrained, **common)
         tune_task.set_display_name("quality-tune")
-        eval_task = ops["evaluate"](dataset=dataset, pretrained=pretrained,
-                                    tuned=tune_task.outputs["model"], **common).set_display_name("evaluate")
-        register_task = ops["register"](model=tune_task.outputs["model"], dataset=dataset,
+        tuned = tune_task.outputs["model"]
+        distill_task = ops["distill"](dataset=dataset, autoencoder=latent, tuned=tuned, pretrained=pretrained, **common)
+        distill_task.set_display_name("distill")
+        student = distill_task.outputs["model"]
+        eval_task = ops["evaluate"](dataset=dataset, pretrained=pretrained, tuned=tuned, student=student,
+                                    **common).set_display_name("evaluate")
+        register_task = ops["register"](student=student, teacher=tuned, dataset=dataset,
                                         evaluation=eval_task.outputs["evaluation"], **common)
         register_task.set_display_name("register")
-        for task in tasks + [tune_task, eval_task, register_task]:
-            task.set_caching_options(task.component_spec.name.replace("-", "_") in _CACHED_ON_CLUSTER)
-        return register_task.output
+        deploy_task = ops["deploy"](model_uri=register_task.output, **common).set_display_name("deploy")
+        # Cluster settings from recipe.resources (pipelines/cluster.py): requests, GPUs, secrets,
+        # retries, timeouts; caching only on curate (ingest reads a mutable source that is not an
+        # input artifact; training is not bitwise deterministic on GPUs; register/deploy have side
+        # effects). Locally the stage runner caches ingest and curate by content instead.
+        stages = ["ingest", "curate", "autoencoder"] + ["pretrain"] * (len(tasks) - 3)
+        for task, stage in zip(tasks + [tune_task, distill_task, eval_task, register_task, deploy_task],
+                               stages + ["quality_tune", "distill", "evaluate", "register", "deploy"]):
+            configure(task, stage, recipe_obj)
+        return deploy_task.outputs["Output"]
 
     return training_pipeline

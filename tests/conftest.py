@@ -25,6 +25,41 @@ for _key, _value in {
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uris():
+    """Keep one test's MLflow store out of the next.
+
+    `mlflow.set_tracking_uri` / `set_registry_uri` also write MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI into os.environ, which outlive the test and reach every later client and
+    subprocess (a registry lookup then reads an old test's database). Record both variables so
+    they are restored, and reset MLflow's process-wide URIs afterwards.
+    """
+    import sys
+
+    def reset_fluent_uris() -> None:
+        # Only modules already imported: importing more of mlflow here puts its MockDbutils into
+        # sys.modules, which hypothesis then trips over in later tests.
+        for module, attribute in (("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+                                  ("mlflow.tracking._model_registry.utils", "_registry_uri")):
+            if module in sys.modules:
+                setattr(sys.modules[module], attribute, None)
+
+    # Saved by hand: monkeypatch.delenv of an absent variable records nothing, so a value the test
+    # sets later would survive its undo.
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {key: os.environ.get(key) for key in keys}
+    # Before as well as after: a module- or session-scoped fixture set up just before this test
+    # runs outside any test's monkeypatch and may have set them.
+    reset_fluent_uris()
+    yield
+    reset_fluent_uris()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Small models spend more time handing work between threads than computing; one thread keeps them fast."""
@@ -34,6 +69,43 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_model_dir(path: Path, *, guidance_embed: bool = False, frames: int = 1, depth: int | None = None,
+                    seed: int = 0, steps: int | None = None) -> Path:
+    """A tiny pixel-space DiT model directory (16 px, random non-zero weights) that TextToImage.from_dir loads.
+
+    Real files in the Model artifact contract (model.safetensors, config.json, state.json), for
+    tests of evaluation, registration, serving and deployment that need a model fast, not a good
+    one. `guidance_embed` makes it a distilled student (one pass per step, `distill` section in
+    config.json, 2 steps by default); different seeds give different weights (and sha256).
+    """
+    import torch
+
+    from models.checkpoint import save_model_dir
+    from models.dit import DiTConfig, build
+
+    torch.manual_seed(seed)
+    config = DiTConfig(image_size=16, frames=frames, patch_size=4, width=48, depth=depth or 2, heads=2,
+                       max_text_tokens=8, guidance_embed=guidance_embed)
+    model = build(config)
+    with torch.no_grad():  # adaLN-zero would make the velocity exactly zero: give every weight some signal
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    sampling = {"steps": steps or (2 if guidance_embed else 4), "guidance": 2.0, "solver": "euler", "seed": 0}
+    config_json = {
+        "architecture": "dit",
+        "model": config.to_dict(),
+        "latent": {"kind": "pixel"},
+        "text": {"encoder": "minilm", "model_path": None, "max_tokens": 8},
+        "flow": {"sigma_min": 1e-5},
+        "sampling": sampling,
+        **({"distill": {"method": "guidance+progressive", "teacher_steps": 8, "student_steps": sampling["steps"],
+                        "teachers": [{"source": "tuned", "weight": 1.0}]}} if guidance_embed else {}),
+    }
+    weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    return save_model_dir(Path(path), weights, config_json,
+                          {"stage": "distill" if guidance_embed else "quality_tune", "step": 1, "metrics": {}})
 
 
 @pytest.fixture

@@ -4,8 +4,13 @@ Pure numpy/scipy on purpose: features are extracted once (``models.vision_featur
 and every metric here is then cheap, deterministic and unit-testable without torch.
 
 Feature space caveat: the image features come from ImageNet EfficientNet-Lite0, not
-InceptionV3, so :func:`frechet_distance` / :func:`kernel_inception_distance` values are
-comparable only between runs that use the same extractor, never with published FID/KID.
+InceptionV3, so :func:`frechet_distance` / :func:`kernel_inception_distance` values (reported
+as ``fid`` / ``kid``: the same formulas in another feature space) are comparable only between
+runs that use the same extractor, never with published Inception-FID/KID.
+
+Pairwise A/B (:func:`pairwise_win_rate`): a judge that picks the better of two images made
+from the same prompt and seed by per-prompt automatic scores, with a Wilson interval on the
+win rate (:func:`wilson_interval`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ __all__ = [
     "knn_caption_alignment",
     "knn_category_accuracy",
     "mean_confidence_interval",
+    "pairwise_win_rate",
+    "rank_normalise",
     "realism",
+    "wilson_interval",
 ]
 
 # Relative error ||X @ X - A||_F / ||A||_F above which a sqrtm result is not trusted and
@@ -42,7 +50,10 @@ _KNN_BLOCK_ELEMENTS = 1 << 24
 
 
 # The metrics shown side by side in reports and copied onto registered model versions.
-HEADLINE_METRICS = ("alignment", "aesthetic", "category_accuracy", "fd", "kid", "realism", "diversity", "latency_ms")
+# "fid" / "kid" are Frechet / kernel distances in EfficientNet-Lite0 features (not Inception).
+HEADLINE_METRICS = ("alignment", "aesthetic", "category_accuracy", "fid", "kid", "realism", "diversity", "latency_ms")
+# Per-prompt scores the A/B judge combines (each rank-normalised, equal weight).
+JUDGE_METRICS = ("alignment", "aesthetic")
 
 
 def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike, eps: float = 1e-6) -> float:
@@ -344,6 +355,83 @@ def diversity(feats: ArrayLike) -> float:
     # Sum over ordered pairs i != j of x_i . x_j = ||sum x||^2 - sum ||x_i||^2.
     off_diagonal = float(total @ total) - float(np.einsum("nd,nd->", x, x))
     return 1.0 - off_diagonal / (n * (n - 1))
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``successes / n`` (successes may be fractional).
+
+    Better behaved than the normal approximation near 0 and 1 and for small ``n`` (it never
+    leaves [0, 1]). Half-wins from ties count as 0.5 successes, the usual convention for win
+    rates; the interval then treats the rate as a binomial proportion, a slight overstatement
+    of its spread. ``n == 0`` gives the uninformative ``(0.0, 1.0)``.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n == 0:
+        return 0.0, 1.0
+    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2.0))
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def rank_normalise(values: ArrayLike) -> np.ndarray:
+    """Ranks scaled to [0, 1] (0 = lowest, 1 = highest; ties share their average rank).
+
+    Puts scores with different units (alignment cosines, aesthetic scores) on one scale, so a
+    judge can weigh them equally; a single value maps to 0.5.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("values is empty")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("values contain NaN or Inf")
+    if x.size == 1:
+        return np.array([0.5])
+    return (scipy.stats.rankdata(x, method="average") - 1.0) / (x.size - 1)
+
+
+def pairwise_win_rate(candidate: dict[str, ArrayLike], baseline: dict[str, ArrayLike],
+                      metrics: Sequence[str] = JUDGE_METRICS, confidence: float = 0.95,
+                      tie_tolerance: float = 1e-9) -> dict[str, float]:
+    """A/B win rate of `candidate` over `baseline` on the same prompts (same seed per prompt).
+
+    The judge: for each metric (higher is better; both models' per-prompt scores in
+    `candidate[m]` / `baseline[m]`, paired by index), the 2N scores are ranked together and
+    scaled to [0, 1] (:func:`rank_normalise`); an image's judge score is the mean of its
+    normalised ranks. Per prompt, the image with the higher judge score wins; equal scores
+    (within `tie_tolerance`, e.g. identical images) are a tie and count as half a win.
+
+    Returns floats: ``win_rate`` = (wins + ties / 2) / n, its Wilson interval ``ci_low`` /
+    ``ci_high`` (:func:`wilson_interval`), ``n``, ``wins``, ``ties``, ``losses``.
+    """
+    if not metrics:
+        raise ValueError("the judge needs at least one metric")
+    judge_a = judge_b = None
+    n = None
+    for metric in metrics:
+        if metric not in candidate or metric not in baseline:
+            raise ValueError(f"judge metric {metric!r} is missing from the candidate's or the baseline's scores")
+        a = np.asarray(candidate[metric], dtype=np.float64).ravel()
+        b = np.asarray(baseline[metric], dtype=np.float64).ravel()
+        if a.shape != b.shape or a.size == 0:
+            raise ValueError(f"{metric}: paired scores need the same, non-zero number of prompts, "
+                             f"got {a.size} and {b.size}")
+        n = a.size
+        ranks = rank_normalise(np.concatenate([a, b]))
+        judge_a = ranks[:n] if judge_a is None else judge_a + ranks[:n]
+        judge_b = ranks[n:] if judge_b is None else judge_b + ranks[n:]
+    difference = (judge_a - judge_b) / len(metrics)
+    ties = int(np.sum(np.abs(difference) <= tie_tolerance))
+    wins = int(np.sum(difference > tie_tolerance))
+    rate = (wins + 0.5 * ties) / n
+    low, high = wilson_interval(wins + 0.5 * ties, n, confidence)
+    return {"win_rate": float(rate), "ci_low": low, "ci_high": high, "n": float(n), "wins": float(wins),
+            "ties": float(ties), "losses": float(n - wins - ties)}
 
 
 def _sqrtm_product(cov_a: np.ndarray, cov_b: np.ndarray, check_error: bool = True) -> np.ndarray | None:

@@ -20,6 +20,12 @@ from components.progress import progress
 from components.storage import ShardWriter, directory_hash, write_manifest
 
 RAW_PREFIX = "raw"
+SKIPPED = "skipped.parquet"  # files left out because an earlier dataset already holds them (reason code)
+DUP_EXISTING = "dup_existing"
+
+
+class NothingNewError(ValueError):
+    """Every file of the source is already in the dataset retraining starts from."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,13 @@ def sample_id(source_name: str, relative_path: str) -> str:
     return "s" + hashlib.sha1(f"{source_name}\0{relative_path}".encode()).hexdigest()[:16]
 
 
-def run(config: IngestConfig, output_dir: Path, source: Source | str | None = None) -> IngestResult:
-    """Ingest `source` (default: the recipe's) into `output_dir`: raw shards + manifest.parquet."""
+def run(config: IngestConfig, output_dir: Path, source: Source | str | None = None,
+        known_sha256: set[str] | None = None) -> IngestResult:
+    """Ingest `source` (default: the recipe's) into `output_dir`: raw shards + manifest.parquet.
+
+    With `known_sha256` (retraining), files whose bytes are already known are left out and listed
+    in skipped.parquet with reason `dup_existing`; NothingNewError when no file is new.
+    """
     if source is None or isinstance(source, str):
         source = parse_source(source or config.source)
     output_dir = Path(output_dir)
@@ -49,9 +60,14 @@ def run(config: IngestConfig, output_dir: Path, source: Source | str | None = No
         items = items[: config.max_samples]
     if not items:
         raise ValueError(f"source {source.describe()} has no files to ingest")
+    skipped = []
     with ShardWriter(output_dir, RAW_PREFIX, config.shard_size) as writer:
         for item in progress(items, description="ingest"):
             data = item.read()
+            digest = hashlib.sha256(data).hexdigest()
+            if known_sha256 is not None and digest in known_sha256:
+                skipped.append({"source_path": item.source_path, "sha256": digest, "reason": DUP_EXISTING})
+                continue
             caption = item.caption[: config.max_caption_chars] if item.caption is not None else None
             sid = sample_id(source.name, item.relative_path)
             meta = {
@@ -63,9 +79,29 @@ def run(config: IngestConfig, output_dir: Path, source: Source | str | None = No
                 "category": item.category,
             }
             shard = writer.write(sid, {"bin": data, "json": json.dumps(meta, sort_keys=True).encode()})
-            rows.append({**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "shard": shard})
+            rows.append({**meta, "sha256": digest, "bytes": len(data), "shard": shard})
+    if known_sha256 is not None:
+        pd.DataFrame(skipped, columns=["source_path", "sha256", "reason"]).to_parquet(output_dir / SKIPPED, index=False)
+        if not rows:
+            raise NothingNewError(f"nothing new to train on: all {len(skipped)} files of {source.describe()} are "
+                                  "already in the champion's dataset")
     write_manifest(pd.DataFrame(rows), output_dir)
     return IngestResult(output_dir, len(rows), directory_hash(output_dir), source.describe())
+
+
+def new_stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: object):
+    """Tracking glue for retraining: ingest only files not in `inputs['known']/known.parquet`."""
+    from components.retrain.stage import KNOWN_FILE
+    from components.runner import StageOutput
+
+    known = set(pd.read_parquet(Path(inputs["known"]) / KNOWN_FILE)["sha256"].astype(str))
+    result = run(recipe.ingest, outputs["raw_dataset"], source or None, known_sha256=known)
+    skipped = len(pd.read_parquet(result.directory / SKIPPED))
+    tracker.set_tags({"dataset.source": result.source, "dataset.raw_sha256": result.content_hash})
+    return StageOutput(metadata={"num_samples": result.num_samples, "skipped_known": skipped,
+                                 "content_hash": result.content_hash, "source": result.source},
+                       metrics={"ingest.samples": result.num_samples, "ingest.skipped_known": skipped},
+                       artifacts=[result.directory / "manifest.parquet", result.directory / SKIPPED])
 
 
 def stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: object):

@@ -13,7 +13,10 @@ def pretrain(recipe: str, pipeline_job_id: str, pipeline_name: str, git_commit: 
     from components.runner import run_component
 
     run_component("pretrain", recipe, pipeline_job_id, pipeline_name, git_commit,
-                  inputs={"dataset": dataset, "autoencoder": autoencoder}, outputs={"model": model}, stage=stage)
+                  inputs={"dataset": dataset, "autoencoder": autoencoder}, outputs={"model": model}, stage=stage,
+                  # for a multi-node stage: where the TrainJob's nodes find the inputs and leave the model
+                  input_uris={"dataset": dataset.uri, "autoencoder": autoencoder.uri},
+                  output_uri=f"{model.uri}-trainjob")
 
 
 def pretrain_continue(recipe: str, pipeline_job_id: str, pipeline_name: str, git_commit: str, stage: str,
@@ -24,4 +27,6 @@ def pretrain_continue(recipe: str, pipeline_job_id: str, pipeline_name: str, git
 
     run_component("pretrain", recipe, pipeline_job_id, pipeline_name, git_commit,
                   inputs={"dataset": dataset, "autoencoder": autoencoder, "base_model": base_model},
-                  outputs={"model": model}, stage=stage)
+                  outputs={"model": model}, stage=stage,
+                  input_uris={"dataset": dataset.uri, "autoencoder": autoencoder.uri, "base_model": base_model.uri},
+                  output_uri=f"{model.uri}-trainjob")

@@ -8,9 +8,11 @@ weights, in the latent space of the autoencoder stage's output.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from components.config import Recipe
+from components.pretrain import trainjob
 from components.storage import dataset_hash
 from components.training import TrainResult, TrainSpec, train
 
@@ -43,12 +45,46 @@ def run(recipe: Recipe, dataset_dir: Path, output_dir: Path, tracker, stage_name
                  init_dir=Path(base_model_dir) if base_model_dir else None, lineage=lineage)
 
 
-def stage(recipe, inputs, outputs, tracker, context, stage: str = "", **_: object):
-    """Tracking glue for the runner: train stage `stage` on `inputs['dataset']` into `outputs['model']`."""
+def stage(recipe, inputs, outputs, tracker, context, stage: str = "", input_uris: dict | None = None,
+          output_uri: str = "", **_: object):
+    """Tracking glue for the runner: train stage `stage` on `inputs['dataset']` into `outputs['model']`.
+
+    A stage with num_nodes > 1 runs as a Kubeflow Trainer TrainJob (components/pretrain/trainjob.py)
+    launched from here, except inside that job, whose processes train.
+    """
+    name = stage or recipe.pretrain.resolved_stages()[0].name
+    nodes = recipe.pretrain.train_config(name).num_nodes
+    if nodes > 1 and not os.environ.get(trainjob.IN_TRAINJOB_ENV):
+        return _multinode(recipe, name, nodes, inputs, outputs, context, input_uris or {}, output_uri)
     result = run(recipe, inputs["dataset"], outputs["model"], tracker, stage_name=stage or None,
                  autoencoder_dir=inputs.get("autoencoder"), base_model_dir=inputs.get("base_model"))
     name = f"pretrain-{stage}" if stage else "pretrain"
     return training_output(name, result)
+
+
+def _multinode(recipe, name: str, nodes: int, inputs, outputs, context, input_uris: dict, output_uri: str):
+    import json
+
+    from components.deploy.k8s import KubernetesDeployError, load_client_config
+    from components.runner import StageOutput
+
+    try:
+        load_client_config()
+    except KubernetesDeployError as error:
+        raise trainjob.TrainJobError(
+            f"pretrain stage {name!r} asks for num_nodes {nodes}, which runs as a Kubeflow Trainer TrainJob and needs "
+            f"a Kubernetes cluster with Kubeflow Trainer v2 installed ({error}); set pretrain.num_nodes: 1 (or the "
+            "stage's num_nodes) to train here") from None
+    uris = {key: input_uris.get(key, "") for key in inputs}
+    job = trainjob.launch(recipe, name, uris, output_uri, Path(outputs["model"]), context.pipeline_job_id,
+                          context.commit())
+    state = json.loads((Path(outputs["model"]) / "state.json").read_text())
+    return StageOutput(metadata={"stage": f"pretrain-{name}", "steps": state.get("step", 0), "nodes": nodes,
+                                 "trainjob": job["metadata"]["name"], "framework": "pytorch-lightning",
+                                 "format": "safetensors"},
+                       metrics={f"pretrain-{name}.{k}": float(v) for k, v in (state.get("metrics") or {}).items()
+                                if isinstance(v, (int, float))},
+                       tags={"trainjob": job["metadata"]["name"]})
 
 
 def training_output(stage_name: str, result: TrainResult):

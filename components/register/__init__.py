@@ -1,1 +1,1 @@
-"""Register stage: the tuned model as an MLflow pyfunc model version with lineage tags."""
+"""Register stage: the distilled student and its teacher as MLflow pyfunc versions, the promotion gate, aliases."""

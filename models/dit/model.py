@@ -49,6 +49,7 @@ class DiTConfig:
     max_text_tokens: int = 32  # caption length the text encoder pads/truncates to
     rope_theta: float = 10000.0  # RoPE base: the longest wavelength is ~2*pi*theta patches, far beyond any grid
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    guidance_embed: bool = False  # take the CFG scale as an input (a guidance-distilled student: one pass per step)
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,8 +76,9 @@ class DiTConfig:
             or not self.rope_theta > 1
         ):
             raise ValueError(f"rope_theta must be a number > 1, got {self.rope_theta!r}")
-        if not isinstance(self.grad_checkpointing, bool):
-            raise ValueError(f"grad_checkpointing must be a bool, got {self.grad_checkpointing!r}")
+        for flag in ("grad_checkpointing", "guidance_embed"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.width % self.heads != 0:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         head_dim = self.width // self.heads
@@ -158,6 +160,10 @@ class RMSNorm(nn.Module):
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation of tokens x [B,N,D] by per-sample shift/scale [B,D]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# The guidance embedder reads scale / GUIDANCE_SCALE_RANGE through the timestep sinusoids (built for 0..1).
+GUIDANCE_SCALE_RANGE = 10.0
 
 
 class TimestepEmbedder(nn.Module):
@@ -381,6 +387,8 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(config.in_channels * config.patch_volume, D)
         self.t_embedder = TimestepEmbedder(D)
         self.pooled_embedder = nn.Sequential(nn.Linear(config.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        # Guidance distillation (Meng et al. 2023): the CFG scale joins the conditioning vector like t does.
+        self.guidance_embedder = TimestepEmbedder(D) if config.guidance_embed else None
         # Projecting text once to the model width keeps per-block cross-attention square (width x width),
         # matching Movie Gen's parameter budget and letting the text encoder be swapped by changing text_dim.
         self.text_embedder = nn.Sequential(nn.Linear(config.text_dim, D), RMSNorm(D, eps=1e-6))
@@ -411,6 +419,11 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.pooled_embedder[0].weight, std=0.02)
         nn.init.normal_(self.pooled_embedder[2].weight, std=0.02)
+        if self.guidance_embedder is not None:
+            # Zero output: a student copied from a teacher starts as the teacher's conditional prediction.
+            nn.init.normal_(self.guidance_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.guidance_embedder.mlp[2].weight)
+            nn.init.zeros_(self.guidance_embedder.mlp[2].bias)
 
         # adaLN-zero: every gate and the output projection start at zero, so each block is the
         # identity on its residual path and the untrained model predicts exactly zero velocity.
@@ -488,12 +501,14 @@ class DiT(nn.Module):
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
         text_pooled: torch.Tensor,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict velocity.
 
         x [B,C,T,H,W] noisy video (T=1 for an image; [B,C,H,W] is read as T=1 and answered in 4D),
         t [B] flow time in [0,1] (0 = noise, 1 = data), text_tokens [B,L,text_dim],
-        text_mask [B,L] bool (True = real token), text_pooled [B,text_dim] -> velocity shaped like x.
+        text_mask [B,L] bool (True = real token), text_pooled [B,text_dim], guidance [B] CFG scale
+        (required with ``guidance_embed``, refused without) -> velocity shaped like x.
         """
         cfg = self.config
         grid = self.patch_grid(tuple(x.shape))  # (T', H', W')
@@ -508,6 +523,13 @@ class DiT(nn.Module):
         h = self.patch_embed(h).to(param_dtype)  # [B, N, D]
         rope = self.rope(*grid, device=h.device)  # (cos, sin) [N, d/2] each
         c = self.t_embedder(t) + self.pooled_embedder(text_pooled.to(self.pooled_embedder[0].weight.dtype))  # [B, D]
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model was guidance-distilled (guidance_embed): pass guidance [B]")
+            # Scales 0..10 map to the same sinusoid range as t in 0..1.
+            c = c + self.guidance_embedder(guidance.to(t.device).float().expand(B) / GUIDANCE_SCALE_RANGE)  # [B, D]
+        elif guidance is not None:
+            raise ValueError("guidance was passed to a model without guidance_embed; use classifier-free guidance")
         modulation = self.adaLN_modulation(c).view(B, 6, cfg.width)  # [B, 6, D]
         context = self.text_embedder(text_tokens.to(self.text_embedder[0].weight.dtype))  # [B, L, D]
         text_mask = text_mask.bool()

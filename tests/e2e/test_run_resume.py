@@ -40,7 +40,7 @@ def _command(workdir: Path) -> list[str]:
 
 def _environment() -> dict[str, str]:
     """The user's shell: no tracking URI or cache/checkpoint dirs set, so everything lives in the work dir."""
-    drop = {"MLFLOW_TRACKING_URI", "REELFORGE_CACHE_DIR", "REELFORGE_CHECKPOINT_DIR"}
+    drop = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "REELFORGE_CACHE_DIR", "REELFORGE_CHECKPOINT_DIR"}
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -87,7 +87,8 @@ def test_killed_run_resumes_with_cached_data_stages_and_pretraining_from_its_che
     assert steps[-1] in resumed
 
     # The same story in MLflow: the newest pipeline run (the second command) registered a model ...
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, "tags.`reelforge.pipeline_job_id` != ''",
                                  order_by=["attributes.start_time DESC"])

@@ -33,8 +33,8 @@ def pipeline_run(tmp_path_factory):
     (source / "empty.png").write_bytes(b"")
     recipe = load_recipe("tiny", {"ingest.max_samples": None})
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("REELFORGE_CACHE_DIR", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "REELFORGE_CACHE_DIR"):
+        monkeypatch.delenv(key, raising=False)
     try:
         first = run_training(recipe, root / "work", source=f"folder:{source}")
         second = run_training(recipe, root / "work", source=f"folder:{source}")
@@ -50,19 +50,26 @@ def _client(run):
     return tracking.client()
 
 
-def test_registers_a_candidate_version_with_lineage(pipeline_run) -> None:
+def test_registers_student_and_teacher_promotes_and_serves_the_champion(pipeline_run) -> None:
     summary = pipeline_run["first"].summary
-    assert summary["model_name"] == "reelforge-teacher"
-    assert summary["alias"] == "candidate" and summary["created"] is True
+    assert summary["model_name"] == "reelforge" and summary["created"] is True
     client = _client(pipeline_run)
-    version = client.get_model_version_by_alias("reelforge-teacher", "candidate")
+    version = client.get_model_version_by_alias("reelforge", "candidate")
     assert str(version.version) == summary["version"] == "1"
+    # First run: no champion to beat, the tiny recipe's thresholds pass -> champion, and deploy served it.
+    assert summary["promoted"] is True and summary["gate_passed"] is True
+    assert client.get_model_version_by_alias("reelforge", "champion").version == version.version
+    assert summary["deploy_status"].startswith("serving") or "champion" in summary["deploy_status"]
+    assert summary["smoke_latency_ms"] > 0 and "reelforge serve --model models:/reelforge@champion" in summary["serve_command"]
     tags = version.tags
+    teacher = client.get_model_version_by_alias("reelforge-teacher", "candidate")
+    assert tags["parent.teacher"] == f"reelforge-teacher/{teacher.version}" == summary["teacher"]
     assert tags["dataset.sha256"] == summary["dataset_sha256"] and len(tags["dataset.sha256"]) == 64
+    assert teacher.tags["dataset.sha256"] == tags["dataset.sha256"]
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert tags["pipeline.run_id"] == parent.data.tags["reelforge.pipeline_job_id"] != ""
-    assert tags["git.commit"] not in ("", "unknown")
-    for metric in ("alignment", "category_accuracy", "fd", "realism", "latency_ms"):
+    assert tags["git.commit"] not in ("", "unknown") and tags["dvc.revision"]
+    for metric in ("alignment", "category_accuracy", "fid", "realism", "latency_ms"):
         assert float(tags[f"metric.{metric}"]) == pytest.approx(summary[f"metric.{metric}"], rel=1e-4)
 
 
@@ -76,7 +83,8 @@ def test_every_stage_is_a_nested_finished_run_with_its_config(pipeline_run) -> N
     recipe = pipeline_run["recipe"]
     pretraining = [f"pretrain-{s.name}" for s in recipe.pretrain.resolved_stages()]
     assert pretraining == ["pretrain-t2i_low", "pretrain-t2i"]  # one task and one run per recipe stage
-    assert set(stages) == {"ingest", "curate", "autoencoder", *pretraining, "quality_tune", "evaluate", "register"}
+    assert set(stages) == {"ingest", "curate", "autoencoder", *pretraining, "quality_tune", "distill", "evaluate",
+                           "register", "deploy"}
     assert all(run.info.status == "FINISHED" for run in children)
     assert stages["pretrain-t2i"].data.metrics["pretrain-t2i.steps"] == recipe.pretrain.train_config("t2i").steps
     assert stages["pretrain-t2i_low"].data.metrics["pretrain-t2i_low.steps"] == 4  # the stage's own steps
@@ -87,7 +95,7 @@ def test_every_stage_is_a_nested_finished_run_with_its_config(pipeline_run) -> N
     artifacts = {a.path for a in client.list_artifacts(stages["pretrain-t2i"].info.run_id, "samples")}
     assert any(path.endswith(".png") for path in artifacts), "sample grids are logged while training"
     eval_artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
-    assert {"report.html", "metrics.json"} <= eval_artifacts
+    assert {"report.html", "metrics.json", "model_card.md", "model_card.html"} <= eval_artifacts
     assert stages["curate"].data.metrics["curate.funnel.input"] == 82
 
 
@@ -101,20 +109,20 @@ def test_bad_files_are_quarantined_and_shards_written(pipeline_run) -> None:
     assert list(curated[0].glob("train-*.tar")) and list(curated[0].glob("val-*.tar"))
 
 
-def test_registered_model_serves_images_through_pyfunc(pipeline_run) -> None:
+def test_registered_student_serves_images_through_pyfunc(pipeline_run) -> None:
     import mlflow.pyfunc
 
     _client(pipeline_run)
     # The fluent API keeps a process-wide URI that an earlier test in this process may have set.
     mlflow.set_tracking_uri(pipeline_run["first"].tracking_uri)
     mlflow.set_registry_uri(pipeline_run["first"].tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/reelforge-teacher@candidate")
-    frame = model.predict(pd.DataFrame({"prompt": ["A red apple.", "A blue truck."]}), params={"steps": 3, "seed": 7})
-    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in frame["image_png_base64"]]
+    model = mlflow.pyfunc.load_model("models:/reelforge@champion")
+    frame = model.predict(pd.DataFrame({"prompt": ["A red apple.", "A blue truck."]}), params={"seed": 7})
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in frame["media_base64"]]
     size = pipeline_run["recipe"].curate.resolution
-    assert [im.size for im in images] == [(size, size)] * 2
-    again = model.predict(pd.DataFrame({"prompt": ["A red apple."]}), params={"steps": 3, "seed": 7})
-    assert again["image_png_base64"][0] == frame["image_png_base64"][0], "same prompt + seed -> same image"
+    assert [im.size for im in images] == [(size, size)] * 2 and set(frame["format"]) == {"png"}
+    again = model.predict(pd.DataFrame({"prompt": ["A red apple."]}), params={"seed": 7})
+    assert again["media_base64"][0] == frame["media_base64"][0], "same prompt + seed -> same image"
 
 
 def test_second_run_reuses_cached_data_stages_and_the_same_version(pipeline_run) -> None:
@@ -135,16 +143,73 @@ def test_second_run_reuses_cached_data_stages_and_the_same_version(pipeline_run)
         assert tags[name][f"{name}.resumed_from_step"] == str(recipe.pretrain.train_config(stage.name).steps)
     first_qt = json.loads(next(Path(pipeline_run["first"].workdir).rglob("quality-tune/model/state.json")).read_text())
     assert tags["quality_tune"]["quality_tune.resumed_from_step"] == str(first_qt["step"])  # early stop included
-    # Deterministic training on the same data gives the same weights: no duplicate version.
+    # Every distillation phase (guidance, then each progressive round) finds its finished checkpoint too.
+    phases = {k: v for k, v in tags["distill"].items() if k.endswith(".resumed_from_step")}
+    assert len(phases) == 1 + recipe.distill.rounds() and "0" not in phases.values()
+    # Deterministic training on the same data gives the same weights: no duplicate version, and the
+    # champion stays where it is.
     assert (second["version"], second["created"]) == ("1", False)
+    assert str(client.get_model_version_by_alias("reelforge", "champion").version) == "1"
 
 
-def test_evaluation_compares_both_models_side_by_side(pipeline_run) -> None:
+def test_evaluation_compares_every_model_side_by_side(pipeline_run) -> None:
     root = Path(pipeline_run["first"].workdir) / "pipeline_root"
     (metrics_file,) = list(root.rglob("evaluate/evaluation/metrics.json"))[:1]
     metrics = json.loads(metrics_file.read_text())
-    assert {"pretrained", "tuned", "untrained"} <= set(metrics["models"])
-    for name in ("pretrained", "tuned"):
+    assert {"untrained", "pretrained", "tuned", "student"} <= set(metrics["models"])
+    for name in ("pretrained", "tuned", "student"):
         values = metrics["models"][name]
-        assert 0 <= values["category_accuracy"] <= 1 and values["latency_ms"] > 0 and values["fd"] >= 0
-        assert (metrics_file.parent / f"grid_{name}.png").is_file()
+        assert 0 <= values["category_accuracy"] <= 1 and values["latency_ms"] > 0 and values["fid"] >= 0
+        assert (metrics_file.parent / "grids" / f"{name}.png").is_file()
+    recipe = pipeline_run["recipe"]
+    assert metrics["models"]["student"]["steps"] == recipe.distill.student_steps
+    assert metrics["models"]["tuned"]["steps"] == recipe.evaluate.sampling.steps
+    assert 0 <= metrics["ab"]["student_vs_tuned"]["win_rate"] <= 1
+
+
+def test_retraining_takes_only_new_files_fine_tunes_the_champion_and_applies_the_gate(pipeline_run, capfd) -> None:
+    """Runs after the training pipeline (last in this module): new stamps plus the old source."""
+    import shutil
+
+    from pipelines.local import run_retraining
+    from tests.conftest import TUXPAINT
+
+    root, recipe = pipeline_run["root"], pipeline_run["recipe"]
+    source = root / "source-grown"
+    shutil.copytree(root / "source", source)
+    old = {p.relative_to(root / "source") for p in (root / "source").rglob("*.png")}
+    new = [p for p in sorted(TUXPAINT.rglob("*.png")) if p.relative_to(TUXPAINT) not in old][:40]
+    for stamp in new:
+        target = source / "new" / stamp.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stamp, target)
+        if stamp.with_suffix(".txt").exists():
+            shutil.copy(stamp.with_suffix(".txt"), target.with_suffix(".txt"))
+    renamed = next((root / "source").rglob("*.png"))
+    shutil.copy(renamed, source / "new" / "same-bytes-new-name.png")  # known bytes under a new name
+    client = _client(pipeline_run)
+    champion_before = str(client.get_model_version_by_alias("reelforge", "champion").version)
+
+    result = run_retraining(recipe, root / "work", source=f"folder:{source}")
+
+    run_dir = max((root / "work" / "pipeline_root").glob("reelforge-retraining-*"), key=lambda p: p.stat().st_mtime)
+    raw = next(run_dir.rglob("raw_dataset"))
+    ingested = pd.read_parquet(raw / "manifest.parquet")
+    skipped = pd.read_parquet(raw / "skipped.parquet")
+    assert set(ingested["relative_path"].map(lambda p: Path(p).name)) == {p.name for p in new}
+    assert set(skipped["reason"]) == {"dup_existing"}
+    assert "same-bytes-new-name.png" in set(skipped["source_path"].map(lambda p: Path(p).name))
+    assert len(skipped) == len(old) + 1  # every old file (the broken and empty ones too) and the renamed copy
+
+    summary = result.summary
+    version = client.get_model_version("reelforge", summary["version"])
+    assert summary["created"] and int(summary["version"]) > int(champion_before)
+    teacher_name, _, teacher_version = version.tags["parent.teacher"].rpartition("/")
+    assert teacher_name == "reelforge-teacher" and int(teacher_version) > 1  # the fine-tuned teacher, registered
+    champion_after = str(client.get_model_version_by_alias("reelforge", "champion").version)  # int or str by store
+    assert champion_after == (str(summary["version"]) if summary["gate_passed"] else champion_before)
+
+    # Nothing new the second time: the run stops at ingest and says so.
+    with pytest.raises(RuntimeError):
+        run_retraining(recipe, root / "work", source=f"folder:{root / 'source'}")
+    assert "nothing new to train on" in "".join(capfd.readouterr())

@@ -74,6 +74,42 @@ def running_server(command: list[str], ready_url: str, log_path: Path, env: dict
             server.wait(timeout=10)
 
 
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+@contextmanager
+def mlflow_server(root: Path, artifacts_destination: str, env: dict[str, str], database_prefix: str) -> Iterator[str]:
+    """`mlflow server` on a fresh PostgreSQL database (dropped afterwards); yields its URL.
+
+    Artifacts are proxied to `artifacts_destination` (a file: URI or s3://bucket/prefix; `env`
+    carries the S3 endpoint and credentials for the server alone). Fails the test with the
+    command that starts PostgreSQL when it is down.
+    """
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is a test dependency; run `make test`")
+    try:
+        admin = psycopg2.connect(PG_DSN)
+    except psycopg2.OperationalError as error:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({error}); .ci/run starts it: "
+                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+    admin.autocommit = True
+    database = f"{database_prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [str(BIN / "mlflow"), "server",
+               "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+               "--artifacts-destination", artifacts_destination,
+               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
+    try:
+        with running_server(command, f"{url}/health", root / "server.log",
+                            {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}, timeout=120):
+            yield url
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        admin.close()
+
+
 def s3_env(endpoint: str, base: dict[str, str] | None = None, tmp: Path | None = None) -> dict[str, str]:
     """An environment for a subprocess (or monkeypatch) that talks to `endpoint` with dummy credentials.
 

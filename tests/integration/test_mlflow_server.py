@@ -15,40 +15,18 @@ import pytest
 
 from components import tracking
 from components.config import load_recipe
-from components.register.stage import run as register
+from components.register.stage import register_model_dir
 from components.runner import RunContext, execute
-from tests.integration.conftest import BIN, free_port, running_server
+from tests.integration.conftest import mlflow_server as start_mlflow_server
 
 pytestmark = pytest.mark.integration
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is a test dependency; run `make test`")
-    try:
-        admin = psycopg2.connect(PG_DSN)
-    except psycopg2.OperationalError as error:
-        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({error}); .ci/run starts it: "
-                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    admin.autocommit = True
-    database = f"reelforge_test_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
     root = tmp_path_factory.mktemp("mlflow-server")
-    url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    command = [str(BIN / "mlflow"), "server",
-               "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
-               "--artifacts-destination", (root / "artifacts").as_uri(),
-               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"]
-    try:
-        with running_server(command, f"{url}/health", root / "server.log", env, timeout=120):
-            yield url
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        admin.close()
+    with start_mlflow_server(root, (root / "artifacts").as_uri(), dict(os.environ), "reelforge_test") as url:
+        yield url
 
 
 def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, image_folder, tmp_path, monkeypatch):
@@ -78,9 +56,9 @@ def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, 
     # Artifacts went through the server's proxy into --artifacts-destination.
     assert {"report.html", "report.json"} <= {a.path for a in client.list_artifacts(curated.metadata["mlflow_run_id"])}
 
-    registration = register(recipe.register, tmp_path / "model", trained.metadata["mlflow_run_id"],
-                            {"dataset.sha256": curated.metadata["content_hash"], "git.commit": context.git_commit},
-                            {"alignment": 0.5})
+    registration = register_model_dir(recipe.register.model_name, tmp_path / "model", trained.metadata["mlflow_run_id"],
+                                      {"dataset.sha256": curated.metadata["content_hash"],
+                                       "git.commit": context.git_commit})
     version = client.get_model_version_by_alias(recipe.register.model_name, "candidate")
     assert str(version.version) == registration.version
     assert version.tags["dataset.sha256"] == curated.metadata["content_hash"]
@@ -91,5 +69,5 @@ def test_stages_nest_under_one_parent_and_register_on_the_server(mlflow_server, 
     out = model.predict(pd.DataFrame({"prompt": ["a red circle"]}), params={"steps": 2})
     assert len(out) == 1 and out["width"][0] == recipe.curate.resolution
 
-    again = register(recipe.register, tmp_path / "model", trained.metadata["mlflow_run_id"], {}, {})
+    again = register_model_dir(recipe.register.model_name, tmp_path / "model", trained.metadata["mlflow_run_id"], {})
     assert (again.version, again.created) == (registration.version, False), "same weights, same version"

@@ -33,7 +33,7 @@ def test_dag_runs_the_stages_in_order_with_one_task_per_pretraining_stage(compil
     tasks = compiled["spec"]["root"]["dag"]["tasks"]
     # tiny has two pretraining stages: the first from scratch, the second continuing from it.
     assert set(tasks) == {"ingest", "curate", "autoencoder", "pretrain", "pretrain-continue", "quality-tune",
-                          "evaluate", "register"}
+                          "distill", "evaluate", "register", "deploy"}
     shown = {name: task["taskInfo"]["name"] for name, task in tasks.items()}
     assert shown["pretrain"] == "pretrain-t2i_low" and shown["pretrain-continue"] == "pretrain-t2i"
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
@@ -42,8 +42,14 @@ def test_dag_runs_the_stages_in_order_with_one_task_per_pretraining_stage(compil
     assert depends["pretrain"] == {"curate", "autoencoder"}
     assert depends["pretrain-continue"] == {"curate", "autoencoder", "pretrain"}
     assert depends["quality-tune"] == {"curate", "autoencoder", "pretrain-continue"}
-    assert depends["evaluate"] == {"curate", "pretrain-continue", "quality-tune"}
-    assert depends["register"] == {"curate", "quality-tune", "evaluate"}
+    # The student learns from the tuned and the pretrained model (the demo's teacher ensemble).
+    assert depends["distill"] == {"curate", "autoencoder", "pretrain-continue", "quality-tune"}
+    assert depends["evaluate"] == {"curate", "pretrain-continue", "quality-tune", "distill"}
+    assert depends["register"] == {"curate", "quality-tune", "distill", "evaluate"}
+    # deploy serves what register made: the URI is a parameter passed along, the task runs last.
+    assert depends["deploy"] == {"register"}
+    uri = tasks["deploy"]["inputs"]["parameters"]["model_uri"]["taskOutputParameter"]
+    assert uri == {"outputParameterKey": "Output", "producerTask": "register"}
     stage_of = {name: task["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
                 for name, task in tasks.items() if name.startswith("pretrain")}
     assert stage_of == {"pretrain": "t2i_low", "pretrain-continue": "t2i"}

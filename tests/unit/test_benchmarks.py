@@ -95,3 +95,23 @@ def test_train_throughput_benchmark_quick_compares_both_loops_and_plans_30b(tmp_
     big = results["moviegen_30b"]
     assert big["params"] == 29_378_365_504 and big["tokens"] == 73_728
     assert big["step_seconds"]["512x512"] == pytest.approx(big["gpu_seconds_per_sample"])
+
+
+SERVING_SCRIPT = ROOT / "benchmarks" / "serving.py"
+
+
+@pytest.mark.slow  # ~60 s: two real `reelforge serve` processes load an untrained demo-latent model
+def test_serving_benchmark_quick_measures_both_servers_and_prints_the_ratio(tmp_path: Path) -> None:
+    """`--quick` drives a max_batch 8 and a max_batch 1 server at 1 and 8 clients and prints the throughput ratio."""
+    out = tmp_path / "serving.json"
+    done = subprocess.run([sys.executable, str(SERVING_SCRIPT), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    ratio = re.search(r"ratio throughput max_batch 8 / max_batch 1 at 8 clients: (\d+\.\d+)x", done.stdout)
+    assert ratio, done.stdout
+    assert re.search(r"^(PASS|FAIL): micro-batching at 8 clients", done.stdout, re.M), done.stdout
+    results = json.loads(out.read_text())
+    for key in ("batch8@1", "batch8@8", "batch1@1", "batch1@8"):
+        row = results["summary"][key]
+        assert row["errors"] == 0 and row["throughput"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0, (key, row)
+    assert math.isclose(results["ratios"]["8"], float(ratio.group(1)), rel_tol=0.01)

@@ -17,6 +17,9 @@ from components.evaluate.metrics import (
     knn_caption_alignment,
     knn_category_accuracy,
     mean_confidence_interval,
+    pairwise_win_rate,
+    rank_normalise,
+    wilson_interval,
 )
 
 DIM = 16
@@ -225,4 +228,54 @@ def test_frame_change_is_zero_for_frozen_clips_and_grows_with_motion() -> None:
 
 def test_headline_metrics_include_alignment_and_aesthetic() -> None:
     """The registry and the report compare models on both of issue 4's claims."""
-    assert {"alignment", "aesthetic"} <= set(HEADLINE_METRICS)
+    assert {"alignment", "aesthetic", "fid", "kid"} <= set(HEADLINE_METRICS)
+
+
+def test_wilson_interval_matches_known_values() -> None:
+    """5/10 -> [0.2366, 0.7634] (the textbook Wilson interval); 10/10 stays below 1 on the low side; n=0 is [0, 1]."""
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    z2 = scipy.stats.norm.ppf(0.975) ** 2
+    low, high = wilson_interval(10, 10)
+    assert low == pytest.approx(10 / (10 + z2)) and high == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0] < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_rank_normalise_is_scale_free_and_shares_ties() -> None:
+    assert rank_normalise([3.0, 1.0, 2.0]).tolist() == [1.0, 0.0, 0.5]
+    assert rank_normalise([1.0, 1.0, 5.0]).tolist() == [0.25, 0.25, 1.0]
+    assert rank_normalise([7.0]).tolist() == [0.5]
+
+
+def test_pairwise_win_rate_on_known_inputs() -> None:
+    """Dominating every prompt wins all; identical images tie (half a win each); a mixed case is judged by the
+    summed rank-normalised scores, whatever each metric's units."""
+    rng = np.random.default_rng(0)
+    base = {"alignment": rng.uniform(0.2, 0.4, 20), "aesthetic": rng.uniform(0.4, 0.6, 20)}
+    better = {k: v + 0.5 for k, v in base.items()}
+    result = pairwise_win_rate(better, base)
+    assert result["win_rate"] == 1.0 and result["wins"] == 20 and result["ties"] == 0 and result["n"] == 20
+    assert result["ci_low"] == pytest.approx(wilson_interval(20, 20)[0]) and result["ci_high"] == pytest.approx(1.0)
+    assert pairwise_win_rate(base, better)["win_rate"] == 0.0
+
+    same = pairwise_win_rate(base, base)
+    assert same["ties"] == 20 and same["win_rate"] == 0.5
+    assert (same["ci_low"], same["ci_high"]) == pytest.approx(wilson_interval(10, 20))
+
+    # Two prompts. Alignment values 1,4 (candidate) vs 2,3 -> pooled ranks 0,1 vs 1/3,2/3;
+    # aesthetic 40,10 vs 20,30 (scaled by 1000 to show units do not matter) -> ranks 1,0 vs 1/3,2/3.
+    # Prompt 0: candidate 0+1 = 1 vs 1/3+1/3: wins. Prompt 1: 1+0 = 1 vs 2/3+2/3: loses.
+    candidate = {"alignment": [1.0, 4.0], "aesthetic": [40_000.0, 10_000.0]}
+    baseline = {"alignment": [2.0, 3.0], "aesthetic": [20_000.0, 30_000.0]}
+    mixed = pairwise_win_rate(candidate, baseline)
+    assert (mixed["wins"], mixed["ties"], mixed["losses"], mixed["win_rate"]) == (1, 0, 1, 0.5)
+    # One tie (equal judge scores) and one win: (1 + 0.5) / 2.
+    tied = pairwise_win_rate({"alignment": [5.0, 2.0]}, {"alignment": [5.0, 1.0]}, metrics=("alignment",))
+    assert (tied["wins"], tied["ties"], tied["win_rate"]) == (1, 1, 0.75)
+
+    with pytest.raises(ValueError, match="aesthetic"):
+        pairwise_win_rate({"alignment": [1.0]}, {"alignment": [1.0]})
+    with pytest.raises(ValueError, match="same, non-zero number of prompts"):
+        pairwise_win_rate({"alignment": [1.0, 2.0]}, {"alignment": [1.0]}, metrics=("alignment",))

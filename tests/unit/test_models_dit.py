@@ -321,3 +321,26 @@ def test_models_package_never_imports_orchestration_layers():
                 continue
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert not offenders, offenders
+
+
+def test_guidance_embedding_starts_at_zero_and_is_required():
+    """A student built from a teacher's weights predicts what the teacher predicts until it learns the guidance input."""
+    import dataclasses
+
+    teacher_config = PRESETS["tiny"]
+    teacher = build(teacher_config)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    student = build(dataclasses.replace(teacher_config, guidance_embed=True))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert all(k.startswith("guidance_embedder.") for k in missing) and not unexpected
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.rand(2)
+    text = (torch.randn(2, 32, 384), torch.ones(2, 32, dtype=torch.bool), torch.randn(2, 384))
+    expected = teacher(x, t, *text)
+    assert torch.allclose(student(x, t, *text, guidance=torch.tensor([1.0, 7.5])), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="pass guidance"):
+        student(x, t, *text)
+    with pytest.raises(ValueError, match="without guidance_embed"):
+        teacher(x, t, *text, guidance=torch.tensor([2.0, 2.0]))

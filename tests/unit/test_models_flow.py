@@ -198,3 +198,40 @@ def test_flow_matching_loss_is_deterministic_with_generator_and_zero_model_match
     # E|X1 - X0|^2 = E|X1|^2 + 1 for X0 ~ N(0, I) independent of the data.
     expected = data.square().mean().item() + 1.0
     assert abs(a.item() - expected) < 0.1
+
+
+def test_per_sample_seeds_make_a_sample_independent_of_its_batch():
+    """A request micro-batched with others gets the noise it would get alone (serving relies on it)."""
+    from models.flow import initial_noise
+
+    alone = initial_noise((1, 3, 4, 4), [torch.Generator().manual_seed(7)], "cpu")
+    batched = initial_noise((3, 3, 4, 4), [torch.Generator().manual_seed(s) for s in (1, 7, 2)], "cpu")
+    assert torch.equal(alone[0], batched[1])
+    assert not torch.equal(batched[0], batched[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        initial_noise((3, 3, 4, 4), [torch.Generator(), torch.Generator()], "cpu")
+
+
+def test_guidance_input_model_runs_one_pass_per_step_and_cfg_two():
+    """A guidance-distilled student costs one forward per step; a CFG teacher two (batched); a negative prompt
+    makes the student run CFG at input scale 1."""
+    calls = []
+
+    def model(x, t, tokens, mask, pooled, guidance=None):
+        calls.append((x.shape[0], None if guidance is None else float(guidance[0])))
+        return torch.zeros_like(x)
+
+    text = (torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 4))
+    null = (torch.zeros(1, 3, 4), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 4))
+    times = torch.tensor([0.0, 0.5, 1.0])
+    common = dict(steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), shape=(2, 3, 4, 4), times=times)
+    sample(model, *text, None, None, None, guidance_input=True, **common)
+    assert calls == [(2, 4.0), (2, 4.0)]
+    calls.clear()
+    sample(model, *text, *null, **common)
+    assert calls == [(4, None), (4, None)]
+    calls.clear()
+    sample(model, *text, *null, guidance_input=True, **common)
+    assert calls == [(4, 1.0), (4, 1.0)]
+    with pytest.raises(ValueError, match="steps \\+ 1 = 2 points"):
+        sample(model, *text, *null, **{**common, "steps": 1})

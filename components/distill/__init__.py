@@ -1,0 +1,1 @@
+"""Distill stage: a few-step, guidance-free student from an ensemble of teachers."""

@@ -1,0 +1,1 @@
+"""Retraining from the registry's champion (pipelines/retraining.py)."""
