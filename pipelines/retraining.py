@@ -5,7 +5,8 @@ Each run starts from the registry, not from the last run's files:
 
 - `champion` reads `models:/<register.model_name>@champion`, downloads its teacher (the
   `parent.teacher` lineage tag), the latent codec it was trained in, and the sha256 of every file
-  its dataset saw (the curate run's manifest and rejects, found by the `dataset.sha256` tag);
+  its lineage saw (the curate run's manifest, rejects and, for a retrained champion, the known set
+  its own retraining started from; found by the `dataset.sha256` tag);
 - `ingest` takes only files whose bytes that dataset has not seen (the rest are listed in
   skipped.parquet with reason `dup_existing`); with nothing new the run fails right there with
   "nothing new to train on", before any GPU is used;

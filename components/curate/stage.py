@@ -132,7 +132,8 @@ def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
     return result
 
 
-def _stage_output(recipe, result: CurateResult, tracker):
+def _stage_output(recipe, result: CurateResult, tracker, raw_dir: Path):
+    from components.ingest.stage import KNOWN_FILE
     from components.runner import StageOutput
 
     metrics = {f"curate.funnel.{k}": v for k, v in result.funnel.items()}
@@ -145,13 +146,18 @@ def _stage_output(recipe, result: CurateResult, tracker):
                 "content_hash": result.content_hash, "resolution": recipe.curate.resolution}
     tracker.set_tags({"dataset.sha256": result.content_hash})
     out = result.directory
+    # A retraining's raw dataset carries its lineage's known files: logged with the dataset, so the
+    # next retraining from a model trained on it still skips what its ancestors saw.
+    lineage = [path for path in [Path(raw_dir) / KNOWN_FILE] if path.is_file()]
     return StageOutput(metadata=metadata, metrics=metrics,
-                       artifacts=[out / "report.json", out / "report.html", out / "manifest.parquet", out / REJECTS])
+                       artifacts=[out / "report.json", out / "report.html", out / "manifest.parquet", out / REJECTS,
+                                  *lineage])
 
 
 def stage(recipe, inputs, outputs, tracker, context, **_: object):
     """Tracking glue for the runner: curate `inputs['raw_dataset']` into `outputs['dataset']`."""
-    return _stage_output(recipe, run(recipe.curate, inputs["raw_dataset"], outputs["dataset"]), tracker)
+    return _stage_output(recipe, run(recipe.curate, inputs["raw_dataset"], outputs["dataset"]), tracker,
+                         inputs["raw_dataset"])
 
 
 def shard_stage(recipe, inputs, outputs, tracker, context, shard: str = "", **_: object):
@@ -175,7 +181,7 @@ def merge_stage(recipe, inputs, outputs, tracker, context, scored: list[str] | N
     """Runner glue for the global merge after the ParallelFor: `scored` lists the scored shard directories."""
     raw_dir = Path(inputs["raw_dataset"])
     return _stage_output(recipe, finish(recipe.curate, ordered_scored_dirs(raw_dir, scored or []),
-                                        outputs["dataset"], len(read_manifest(raw_dir)), 0), tracker)
+                                        outputs["dataset"], len(read_manifest(raw_dir)), 0), tracker, raw_dir)
 
 
 def ordered_scored_dirs(raw_dir: Path, scored: list[str]) -> list[Path]:

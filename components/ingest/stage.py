@@ -22,6 +22,10 @@ from components.storage import ShardWriter, directory_hash, write_manifest
 RAW_PREFIX = "raw"
 SKIPPED = "skipped.parquet"  # files left out because an earlier dataset already holds them (reason code)
 DUP_EXISTING = "dup_existing"
+# sha256 of every file a model lineage has seen: the champion's known set plus what this run ingested.
+# Retraining writes it next to the raw shards and curate logs it, so a retrained champion's known set
+# still holds its ancestors' files (its own dataset only holds the new ones).
+KNOWN_FILE = "known.parquet"
 
 
 class NothingNewError(ValueError):
@@ -90,13 +94,18 @@ def run(config: IngestConfig, output_dir: Path, source: Source | str | None = No
 
 
 def new_stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: object):
-    """Tracking glue for retraining: ingest only files not in `inputs['known']/known.parquet`."""
-    from components.retrain.stage import KNOWN_FILE
+    """Tracking glue for retraining: ingest only files not in `inputs['known']/known.parquet`.
+
+    Writes the lineage's new known set (the old one plus every file ingested now) as
+    `known.parquet` in the raw dataset, for curate to log with the dataset it makes.
+    """
     from components.runner import StageOutput
 
     known = set(pd.read_parquet(Path(inputs["known"]) / KNOWN_FILE)["sha256"].astype(str))
     result = run(recipe.ingest, outputs["raw_dataset"], source or None, known_sha256=known)
     skipped = len(pd.read_parquet(result.directory / SKIPPED))
+    seen = known | set(pd.read_parquet(result.directory / "manifest.parquet")["sha256"].astype(str))
+    pd.DataFrame({"sha256": sorted(seen)}).to_parquet(result.directory / KNOWN_FILE, index=False)
     tracker.set_tags({"dataset.source": result.source, "dataset.raw_sha256": result.content_hash})
     return StageOutput(metadata={"num_samples": result.num_samples, "skipped_known": skipped,
                                  "content_hash": result.content_hash, "source": result.source},

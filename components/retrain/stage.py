@@ -8,8 +8,10 @@ its manifest and rejects). This stage writes:
 - `teacher`: the teacher's model directory (weights, config, state), downloaded from the registry;
 - `autoencoder`: the latent codec the teacher was trained in, as an autoencoder-stage directory,
   so new data is encoded in the same latent space;
-- `known`: `known.parquet`, the sha256 of every file the champion's dataset saw (kept and
-  rejected), so ingest takes only what is new.
+- `known`: `known.parquet`, the sha256 of every file the champion's lineage saw (kept and
+  rejected): its dataset's manifest and rejects, plus, for a champion that was itself retrained,
+  the known set its retraining run started from (which curate logs as `known.parquet`), so
+  ingest takes only what no ancestor has seen.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-KNOWN_FILE = "known.parquet"
+from components.ingest.stage import KNOWN_FILE
+
 CODEC_FILE = "autoencoder.safetensors"
 
 
@@ -62,7 +65,7 @@ def _codec_dir(model_dir: Path, destination: Path) -> Path:
 
 
 def _known_files(client, experiment: str, dataset_sha: str, destination: Path) -> int:
-    """sha256 of every file of the champion's dataset (kept and rejected), from the curate run's artifacts."""
+    """sha256 of every file the champion's lineage saw, from the artifacts of its dataset's curate run."""
     import mlflow.artifacts
 
     from components import tracking
@@ -72,11 +75,11 @@ def _known_files(client, experiment: str, dataset_sha: str, destination: Path) -
     runs = client.search_runs([experiment_id], f"tags.`dataset.sha256` = '{dataset_sha}'", max_results=20)
     hashes: set[str] = set()
     for run in runs:
-        for artifact in ("manifest.parquet", REJECTS):
+        for artifact in ("manifest.parquet", REJECTS, KNOWN_FILE):
             try:
                 path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact,
                                                            tracking_uri=tracking.tracking_uri())
-            except Exception:  # noqa: BLE001 - a run without that artifact (e.g. a training run's tag)
+            except Exception:  # noqa: BLE001 - a run without that artifact (a first-generation dataset has no known.parquet)
                 continue
             frame = pd.read_parquet(path)
             if "sha256" in frame:

@@ -34,3 +34,35 @@ def test_ingest_leaves_out_known_bytes_with_a_reason_code(tmp_path: Path) -> Non
 def test_without_a_champion_retraining_says_how_to_get_one(tmp_path: Path, mlflow_uri: str) -> None:
     with pytest.raises(RetrainError, match=r"no 'champion' version .*reelforge run.*reelforge promote"):
         resolve_champion(load_recipe("tiny"), tmp_path / "t", tmp_path / "a", tmp_path / "k")
+
+
+def test_a_retrained_champions_known_set_keeps_what_its_ancestors_saw(tmp_path: Path, mlflow_uri: str) -> None:
+    """Retraining writes known ∪ ingested next to the raw shards; the champion stage reads it back from the
+    curate run of the retrained champion's dataset, so old files stay known one generation later."""
+    from components import tracking
+    from components.ingest.stage import KNOWN_FILE, new_stage
+    from components.retrain.stage import _known_files
+
+    source = tuxpaint_subset(tmp_path / "source", limit=6)
+    digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*.png"))
+    (tmp_path / "known").mkdir()
+    pd.DataFrame({"sha256": digests[:4] + ["f" * 64]}).to_parquet(tmp_path / "known" / KNOWN_FILE)
+    outputs = {"raw_dataset": tmp_path / "raw"}
+
+    class Tracker:
+        def set_tags(self, tags: dict) -> None:
+            self.tags = tags
+
+    new_stage(load_recipe("tiny"), {"known": tmp_path / "known"}, outputs, Tracker(), None, source=f"folder:{source}")
+    lineage = set(pd.read_parquet(tmp_path / "raw" / KNOWN_FILE)["sha256"])
+    assert lineage == set(digests) | {"f" * 64}  # the old known set and the two files ingested now
+
+    # The retrained dataset's curate run holds only the new files in its manifest, and the lineage file.
+    client = tracking.client()
+    experiment = tracking.ensure_experiment("reelforge-test")
+    curate_run = client.create_run(experiment, tags={"dataset.sha256": "d" * 64})
+    pd.DataFrame({"sha256": digests[4:]}).to_parquet(tmp_path / "manifest.parquet")
+    client.log_artifact(curate_run.info.run_id, str(tmp_path / "manifest.parquet"))
+    client.log_artifact(curate_run.info.run_id, str(tmp_path / "raw" / KNOWN_FILE))
+    assert _known_files(client, "reelforge-test", "d" * 64, tmp_path / "out") == len(lineage)
+    assert set(pd.read_parquet(tmp_path / "out" / KNOWN_FILE)["sha256"]) == lineage
