@@ -420,19 +420,13 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     multiple = codec.spatial_downsample * model_config.patch_size
     load = dict(resolution=resolution, curated_resolution=recipe.curate.resolution, multiple=multiple,
                 frames=spec.frames)
-    train_groups = load_groups(dataset_dir, "train", spec.media, ids=train_ids, **load)
-    val_groups = _validation_groups(dataset_dir, spec.media, load)
-    codec_id = codec_fingerprint(codec_dir if codec_weights is not None else None)
     encoder = TextEncoder(model_path=recipe.text.model_path, max_tokens=recipe.text.max_tokens)
     if encoder.dim != model_config.text_dim:
         raise ValueError(f"the text encoder {encoder.model_path} gives {encoder.dim}-dim embeddings but the model's "
                          f"text_dim is {model_config.text_dim}: set model.overrides.text_dim")
-    embedder = caption_embedder(encoder, output_dir)
-    hits = 0
-    for split, groups in (("train", train_groups), ("val", val_groups)):
-        hits += encode_groups(groups, codec, dataset_dir=dataset_dir, split=split, codec_id=codec_id,
-                              output_dir=output_dir, cache=config.precompute_latents)
-        embed_groups(groups, embedder)
+    codec_id = codec_fingerprint(codec_dir if codec_weights is not None else None)
+    train_groups, val_groups, hits = prepared_groups(dataset_dir, spec.media, load, codec, codec_id, encoder,
+                                                     output_dir, cache=config.precompute_latents, train_ids=train_ids)
     for group in train_groups:
         print(f"[{stage}] train {group.describe()}", file=sys.stderr, flush=True)
     train_ids_all = [i for g in train_groups for i in g.ids]
@@ -573,6 +567,25 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     save_model_dir(Path(output_dir), weights, config_json, state)  # state.json last marks it complete
     return TrainResult(Path(output_dir), int(trainer.global_step), train_samples, train_loss, val_loss,
                        seconds, throughput, stopped_early, tuple(averaged_steps))
+
+
+def prepared_groups(dataset_dir: Path, media: tuple[str, ...], load: dict[str, Any], codec: Any, codec_id: str,
+                    encoder: TextEncoder, output_dir: Path, cache: bool,
+                    train_ids: set[str] | None = None) -> tuple[list[MediaGroup], list[MediaGroup], int]:
+    """The train and val groups of `media`, latents encoded and captions embedded, through the on-disk caches.
+
+    `load` holds load_groups' shape arguments; `cache=False` encodes latents per run instead of
+    caching them. Returns (train groups, val groups, latent cache hits).
+    """
+    train_groups = load_groups(dataset_dir, "train", media, ids=train_ids, **load)
+    val_groups = _validation_groups(dataset_dir, media, load)
+    embedder = caption_embedder(encoder, output_dir)
+    hits = 0
+    for split, groups in (("train", train_groups), ("val", val_groups)):
+        hits += encode_groups(groups, codec, dataset_dir=dataset_dir, split=split, codec_id=codec_id,
+                              output_dir=output_dir, cache=cache)
+        embed_groups(groups, embedder)
+    return train_groups, val_groups, hits
 
 
 def _validation_groups(dataset_dir: Path, media: tuple[str, ...], load: dict[str, Any]) -> list[MediaGroup]:

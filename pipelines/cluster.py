@@ -14,11 +14,15 @@ into the IR what a KFP cluster needs and kfp.local ignores:
   (preempted GPU node, S3 or registry hiccup) and resumes from checkpoints;
 - caching: off where a task has side effects (register, deploy), as `CACHED_ON_CLUSTER` says;
 - a timeout (activeDeadlineSeconds) where the recipe sets one.
+
+`component_ops` builds every pipeline's components in the one project image, and `stage_args`
+gives the arguments every stage runner takes, so the pipelines differ only in their DAGs.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from components.config import Recipe
@@ -107,3 +111,22 @@ def warn_unpinned(image: str) -> None:
         print(f"warning: image {image!r} is not pinned by digest; for clusters compile with "
               "--image <registry>/reelforge@sha256:<digest> so every run uses exactly the image you tested",
               file=sys.stderr)
+
+
+def component_ops(faces: Mapping[str, Callable], image: str) -> dict[str, Callable]:
+    """The stage faces as components that run in `image` and install nothing at run time.
+
+    Air-gapped clusters work, and kfp.local runs them in the current interpreter.
+    """
+    from kfp import dsl
+
+    warn_unpinned(image)
+    return {name: dsl.component(face, base_image=image, install_kfp_package=False) for name, face in faces.items()}
+
+
+def stage_args(recipe: Any, pipeline_name: str, git_commit: Any) -> dict[str, Any]:
+    """The arguments every stage task takes: the recipe JSON, the run's id and name, the commit."""
+    from kfp import dsl
+
+    return dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name=pipeline_name,
+                git_commit=git_commit)

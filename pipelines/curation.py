@@ -20,7 +20,7 @@ from kfp import dsl
 
 from components.config import Recipe
 from components.curate.component import curate_merge, curate_shard, list_raw_shards
-from pipelines.cluster import configure, warn_unpinned
+from pipelines.cluster import component_ops, configure, stage_args
 from components.ingest.component import ingest
 
 PIPELINE_NAME = "reelforge-curation"
@@ -33,18 +33,16 @@ def build_pipeline(recipe: Recipe, image: str | None = None, parallelism: int = 
     schedule a task that collects a loop's outputs, so `pipelines.local.run_curation` runs the
     loop through kfp.local and then the same merge stage itself. Compiled pipelines always fan in.
     """
-    image = image or recipe.image
-    warn_unpinned(image)
-    op = lambda face: dsl.component(face, base_image=image, install_kfp_package=False)  # noqa: E731
-    ingest_op, list_op, shard_op, merge_op = op(ingest), op(list_raw_shards), op(curate_shard), op(curate_merge)
+    ops = component_ops({"ingest": ingest, "list": list_raw_shards, "shard": curate_shard, "merge": curate_merge},
+                        image or recipe.image)
+    ingest_op, list_op, shard_op, merge_op = ops["ingest"], ops["list"], ops["shard"], ops["merge"]
     default_recipe = recipe.to_json()
     recipe_obj = recipe  # the pipeline's `recipe` parameter (a JSON string) shadows it inside
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="reelforge: ingest a source and curate it shard-parallel, then merge and dedup globally.")
     def curation_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = ""):
-        common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                      pipeline_name=PIPELINE_NAME, git_commit=git_commit)
+        common = stage_args(recipe, PIPELINE_NAME, git_commit)
         ingest_task = ingest_op(source=source, **common).set_display_name("ingest")
         configure(ingest_task, "ingest", recipe_obj, cache=False)  # the source is mutable and not an input artifact
         raw = ingest_task.outputs["raw_dataset"]

@@ -36,7 +36,7 @@ from components.evaluate.component import evaluate
 from components.quality_tune.component import quality_tune
 from components.register.component import register
 from components.retrain.component import champion, ingest_new
-from pipelines.cluster import configure, warn_unpinned
+from pipelines.cluster import component_ops, configure, stage_args
 
 PIPELINE_NAME = "reelforge-retraining"
 _FACES = {"champion": champion, "ingest_new": ingest_new, "curate": curate, "quality_tune": quality_tune,
@@ -45,9 +45,7 @@ _FACES = {"champion": champion, "ingest_new": ingest_new, "curate": curate, "qua
 
 def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
     """The retraining pipeline function for `recipe` (its JSON is the `recipe` parameter default)."""
-    image = image or recipe.image
-    warn_unpinned(image)
-    ops = {name: dsl.component(face, base_image=image, install_kfp_package=False) for name, face in _FACES.items()}
+    ops = component_ops(_FACES, image or recipe.image)
     default_recipe = recipe.to_json()
     recipe_obj = recipe  # the pipeline's `recipe` parameter (a JSON string) shadows it inside
 
@@ -58,8 +56,7 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
         "through the gate, deploy.",
     )
     def retraining_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> str:
-        common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                      pipeline_name=PIPELINE_NAME, git_commit=git_commit)
+        common = stage_args(recipe, PIPELINE_NAME, git_commit)
         base = ops["champion"](**common).set_display_name("champion")
         teacher, latent = base.outputs["teacher"], base.outputs["autoencoder"]
         new_raw = ops["ingest_new"](source=source, known=base.outputs["known"], **common)

@@ -18,7 +18,7 @@ from collections.abc import Callable  # no `from __future__ import annotations`:
 from kfp import dsl
 
 from components.config import Recipe
-from pipelines.cluster import configure, warn_unpinned
+from pipelines.cluster import component_ops, configure, stage_args
 from components.curate.component import curate
 from components.deploy.component import deploy
 from components.distill.component import distill
@@ -46,16 +46,9 @@ _FACES = {
 }
 
 
-def component_ops(image: str) -> dict[str, Callable]:
-    """The stage components, built to run in `image` without installing anything at run time."""
-    return {name: dsl.component(face, base_image=image, install_kfp_package=False) for name, face in _FACES.items()}
-
-
 def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
     """The training pipeline function for `recipe` (its JSON is the `recipe` parameter default)."""
-    image = image or recipe.image
-    warn_unpinned(image)
-    ops = component_ops(image)
+    ops = component_ops(_FACES, image or recipe.image)
     default_recipe = recipe.to_json()
     # The DAG's shape (one task per pretraining stage) is fixed at compile time from this recipe;
     # a recipe edited in the KFP UI may change values, not the list of stages.
@@ -68,8 +61,7 @@ def build_pipeline(recipe: Recipe, image: str | None = None) -> Callable:
         "and promote in MLflow, deploy the inference service.",
     )
     def training_pipeline(recipe: str = default_recipe, source: str = "", git_commit: str = "") -> str:
-        common = dict(recipe=recipe, pipeline_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                      pipeline_name=PIPELINE_NAME, git_commit=git_commit)
+        common = stage_args(recipe, PIPELINE_NAME, git_commit)
         ingest_task = ops["ingest"](source=source, **common).set_display_name("ingest")
         curate_task = ops["curate"](raw_dataset=ingest_task.outputs["raw_dataset"], **common).set_display_name("curate")
         dataset = curate_task.outputs["dataset"]

@@ -42,10 +42,9 @@ from components.config import DistillConfig, Recipe
 from components.evaluate.prompts import load_prompts
 from components.media import sha256_file
 from components.storage import code_fingerprint, dataset_hash, sha256_json
-from components.train_data import (StepDataset, ValidationBatches, codec_fingerprint, embed_groups, encode_groups,
-                                   group_specs, load_groups)
-from components.training import (DataPositionCheck, PlainProgress, _accelerator, _validation_groups, build_trainer,
-                                 caption_embedder, configure_torch, find_resume, load_codec_dir)
+from components.train_data import StepDataset, ValidationBatches, codec_fingerprint, group_specs
+from components.training import (DataPositionCheck, PlainProgress, _accelerator, build_trainer, configure_torch,
+                                 find_resume, load_codec_dir, prepared_groups)
 from models.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from models.distill import DistillModule, TeacherEnsemble, frozen_copy, nested_grids, student_from_teacher
 from models.dit import DiT, DiTConfig
@@ -244,14 +243,8 @@ def _run(recipe: Recipe, dataset_dir: Path, inputs: Mapping[str, Path | None], o
                          f"expects text_dim {teacher_config.text_dim}")
     load = dict(resolution=recipe.curate.resolution, curated_resolution=recipe.curate.resolution,
                 multiple=codec.spatial_downsample * teacher_config.patch_size, frames=1)
-    train_groups = load_groups(dataset_dir, "train", ("image",), **load)
-    val_groups = _validation_groups(dataset_dir, ("image",), load)
-    embedder = caption_embedder(encoder, output_dir)
-    hits = 0
-    for split, groups in (("train", train_groups), ("val", val_groups)):
-        hits += encode_groups(groups, codec, dataset_dir=dataset_dir, split=split, codec_id=codec_id,
-                              output_dir=output_dir, cache=config.precompute_latents)
-        embed_groups(groups, embedder)
+    train_groups, val_groups, hits = prepared_groups(dataset_dir, ("image",), load, codec, codec_id, encoder,
+                                                     output_dir, cache=config.precompute_latents)
     train_ids = [i for g in train_groups for i in g.ids]
     null_text = encoder.encode([""])
 
