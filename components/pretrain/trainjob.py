@@ -10,7 +10,8 @@ When a pretraining stage asks for `num_nodes > 1`, the KFP task does not train i
 2. hands over its inputs by URI (on a cluster KFP artifacts live in S3 under the pipeline root)
    and an output URI where global rank 0 uploads the model directory;
 3. creates the job, or re-attaches when a retried task finds its job already there (the name is
-   derived from the pipeline run and stage, so a retry never starts a second job);
+   derived from the pipeline run and stage, so a retry never starts a second job); a job that
+   already failed is deleted and created again, so a KFP retry really retries;
 4. follows it, printing every condition change, and fails the task with the job's reason and
    message when it fails or exceeds the timeout; on success it downloads the model into the
    task's output. The finished job is left for inspection (delete it with kubectl, or let the
@@ -114,21 +115,58 @@ def build(recipe: Recipe, stage: str, image: str, namespace: str, inputs: Mappin
     }
 
 
-def create_or_attach(api: Any, manifest: Mapping[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Create the TrainJob; when it exists already (a retried task), return the existing one instead."""
+def create_or_attach(api: Any, manifest: Mapping[str, Any], log: Callable[[str], None] = print,
+                     delete_timeout_s: float = 600.0, poll_s: float = 5.0) -> dict[str, Any]:
+    """Create the TrainJob; when it exists already (a retried task), return the existing one instead.
+
+    An existing job that has failed belongs to an earlier attempt of this task: following it would
+    only fail the retry again, so it is deleted (its pods with it) and the job is created anew.
+    """
     from kubernetes.client.exceptions import ApiException
 
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    for attempt in range(2):
+        try:
+            created = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(manifest))
+            log(f"TrainJob {namespace}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes")
+            return created
+        except ApiException as error:
+            if error.status != 409:
+                raise TrainJobError(f"creating TrainJob {namespace}/{name} failed: HTTP {error.status} "
+                                    f"{error.reason}: {(error.body or '')[:300]}") from None
+        existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        failed = _conditions(existing).get("Failed", {})
+        if failed.get("status") != "True" or attempt:
+            log(f"TrainJob {namespace}/{name} exists already (a retried task): following it")
+            return existing
+        log(f"TrainJob {namespace}/{name} failed on an earlier attempt ({failed.get('reason', 'unknown reason')}): "
+            "deleting it and starting again")
+        _delete_and_wait(api, namespace, name, delete_timeout_s, poll_s)
+    raise AssertionError("unreachable")
+
+
+def _delete_and_wait(api: Any, namespace: str, name: str, timeout_s: float, poll_s: float) -> None:
+    """Delete a TrainJob with its pods (foreground) and wait until the API no longer has it."""
+    from kubernetes.client.exceptions import ApiException
+
     try:
-        created = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(manifest))
-        log(f"TrainJob {namespace}/{name} created: {manifest['spec']['trainer']['numNodes']} nodes")
-        return created
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                            propagation_policy="Foreground")
     except ApiException as error:
-        if error.status != 409:
-            raise TrainJobError(f"creating TrainJob {namespace}/{name} failed: HTTP {error.status} "
-                                f"{error.reason}: {(error.body or '')[:300]}") from None
-    log(f"TrainJob {namespace}/{name} exists already (a retried task): following it")
-    return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if error.status != 404:
+            raise TrainJobError(f"deleting the failed TrainJob {namespace}/{name} failed: HTTP {error.status} "
+                                f"{error.reason}") from None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        time.sleep(poll_s)
+    raise TrainJobError(f"the failed TrainJob {namespace}/{name} was not gone {timeout_s:.0f} s after deleting it: "
+                        f"kubectl -n {namespace} describe trainjob {name}")
 
 
 def _conditions(job: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -215,7 +253,7 @@ def launch(recipe: Recipe, stage: str, input_uris: Mapping[str, str], output_uri
     manifest = build(recipe, stage, image or recipe.image, namespace, input_uris, output_uri, pipeline_job_id,
                      git_commit)
     name = manifest["metadata"]["name"]
-    create_or_attach(api, manifest, log)
+    create_or_attach(api, manifest, log, poll_s=poll_s)
     timeout = recipe.resources.for_task("pretrain").timeout_s or 14 * 24 * 3600
     job = follow(api, namespace, name, timeout, poll_s=poll_s, log=log)
     try:

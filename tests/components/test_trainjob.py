@@ -69,10 +69,11 @@ def test_the_trainjob_runs_our_image_on_two_gpu_nodes_with_secrets_by_reference(
 
 class _FakeCluster:
     """Just enough of the Kubernetes API for trainjobs, over real HTTP: create (409 on a duplicate), get
-    (each GET returns the next scripted status)."""
+    (each GET returns the next scripted status), delete."""
 
     def __init__(self, statuses: list[dict], existing: bool = False, pods: dict | None = None) -> None:
         self.statuses, self.jobs, self.created, self.pods = list(statuses), {}, 0, pods or {}
+        self.deleted: list[str] = []
         self.existing = existing
         state = self
 
@@ -98,6 +99,13 @@ class _FakeCluster:
                 state.created += 1
                 state.jobs[name] = body
                 self._send(201, body)
+
+            def do_DELETE(self):  # noqa: N802
+                name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+                if state.jobs.pop(name, None) is None:
+                    return self._send(404, {"kind": "Status", "reason": "NotFound", "code": 404})
+                state.deleted.append(name)
+                self._send(200, {"kind": "Status", "status": "Success"})
 
             def do_GET(self):  # noqa: N802
                 name = self.path.rsplit("/", 1)[-1]
@@ -197,6 +205,22 @@ def test_a_retried_task_reattaches_to_its_running_job(tmp_path: Path) -> None:
         manifest = trainjob.build(load_recipe("cluster"), "t2i", IMAGE, "reelforge", INPUTS, "s3://b/o", "run-2")
         trainjob.create_or_attach(cluster.api, manifest, lines.append)
         assert cluster.created == 0 and "exists already" in lines[0]
+
+
+def test_a_retried_task_replaces_the_job_its_earlier_attempt_left_failed(tmp_path: Path, s3_bucket: str) -> None:
+    """KFP retries a failed pretrain task: following the failed job again would fail at once."""
+    recipe, lines = load_recipe("cluster"), []
+    uploaded = f"{s3_bucket}/run-5/pretrain/model-trainjob"
+    upload_dir(_model_dir(tmp_path), uploaded)
+    name = trainjob.job_name("run-5", "t2i")
+    failed, complete = _condition("Failed", "BackoffLimitExceeded"), _condition("Complete", "JobsCompleted")
+    with _FakeCluster([failed, complete]) as cluster:
+        cluster.jobs[name] = {"metadata": {"name": name}}  # the first attempt's job
+        trainjob.launch(recipe, "t2i", INPUTS, uploaded, tmp_path / "out", "run-5", image=IMAGE, api=cluster.api,
+                        namespace="reelforge", poll_s=0.01, log=lines.append)
+    assert cluster.deleted == [name] and cluster.created == 1
+    assert any("failed on an earlier attempt (BackoffLimitExceeded): deleting it" in line for line in lines)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_failed_job_fails_the_task_with_its_reason(tmp_path: Path) -> None:
