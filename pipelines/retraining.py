@@ -10,8 +10,9 @@ Each run starts from the registry, not from the last run's files:
 - `ingest` takes only files whose bytes that dataset has not seen (the rest are listed in
   skipped.parquet with reason `dup_existing`); with nothing new the run fails right there with
   "nothing new to train on", before any GPU is used;
-- `curate` runs the full curation on the new files (exact, perceptual and semantic dedup among
-  them, every filter);
+- `curate` runs the full curation on the new files (every filter; exact, perceptual and semantic
+  dedup among them, and perceptual and semantic dedup against the champion lineage's samples,
+  through the reference the champion stage downloaded);
 - `quality-tune` fine-tunes the champion's teacher on the new curated data: Emu's recipe is
   fine-tuning a strong model on a small, high-quality set, and starting from the teacher keeps
   what it learned from the old data; the new data alone is small, so steps stay the recipe's

@@ -13,7 +13,9 @@ Funnel, in order (a sample is removed by the first step it fails; `step`, `reaso
 
 Dedup runs last, on samples that passed every per-sample check, so a kept representative is
 never removed later (its duplicates would be lost with it); within a duplicate group the
-sample with the best technical quality is kept (ties: input order).
+sample with the best technical quality is kept (ties: input order). In retraining, near and
+semantic dedup also compare with the champion lineage's samples (`reference.py`), whose copy
+always wins: the detail then names the earlier dataset's sample.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import CurateConfig
+from components.curate.reference import Reference
 from components.curate.shard import EMBEDDINGS, SAMPLES, SCORES
 from components.media import RejectReason
 from components.storage import ShardWriter, iter_shard, shard_paths, write_manifest
@@ -161,13 +164,21 @@ def _quality_order(rows: pd.DataFrame, index: pd.Index) -> pd.Index:
     return frame.sort_values(["quality", "order"], ascending=[False, True], na_position="last").index
 
 
-def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: RejectReason, describe: Any) -> None:
-    """Reject the dropped items of a dedup result over `order`; `describe(score, kept_id)` words the detail."""
-    dup = np.flatnonzero(~groups.kept)
+def _drop_duplicates(rows: pd.DataFrame, order: pd.Index, groups: Any, reason: RejectReason, describe: Any,
+                     reference_ids: np.ndarray | None = None) -> None:
+    """Reject the dropped items of a dedup result over `order`; `describe(score, kept)` words the detail.
+
+    With `reference_ids`, the dedup ran over the reference's items first and then `order`'s
+    (greedy first-wins keeps the earlier dataset's copy); only `order`'s items can be removed.
+    """
+    labels = [f"sample {i} of an earlier dataset (the champion's lineage)" for i in
+              (reference_ids if reference_ids is not None else [])]
+    labels += [f"kept sample {i}" for i in rows.loc[order, "id"].to_numpy()]
+    skip = len(labels) - len(order)
+    dup = np.flatnonzero(~groups.kept[skip:])
     if not len(dup):
         return
-    ids = rows.loc[order, "id"].to_numpy()
-    details = [describe(groups.score[i], ids[groups.representative[i]]) for i in dup]
+    details = [describe(groups.score[skip + i], labels[groups.representative[skip + i]]) for i in dup]
     # Label indexing in `dup` order: the details are in quality order, not in row order.
     _remove(rows, order[dup], reason, details)
 
@@ -185,34 +196,44 @@ def _exact_dedup(rows: pd.DataFrame) -> None:
                      lambda score, kept: f"same bytes (sha256) as kept sample {kept}")
 
 
-def _near_dedup(rows: pd.DataFrame, config: CurateConfig) -> None:
+def _near_dedup(rows: pd.DataFrame, config: CurateConfig, reference: Reference) -> None:
     from components.curate.dedup import near_duplicate_groups
 
     if not config.dedup.perceptual or "phash" not in rows:
         return
     order = _quality_order(rows, rows.index[(rows["status"] == "ok") & rows["phash"].notna()])
-    if len(order) < 2:
+    earlier = reference.rows[reference.rows["phash"].notna()]
+    if not len(order) or len(order) + len(earlier) < 2:
         return
-    hashes = rows.loc[order, "phash"].astype(np.int64).to_numpy().view(np.uint64)
+    hashes = np.concatenate([earlier["phash"].astype(np.int64).to_numpy(),
+                             rows.loc[order, "phash"].astype(np.int64).to_numpy()]).view(np.uint64)
     dedup = config.dedup
     _drop_duplicates(rows, order, near_duplicate_groups(hashes, dedup.max_hamming), RejectReason.NEAR_DUPLICATE,
-                     lambda score, kept: f"{dedup.hash} {int(score)} bits from kept sample {kept} "
-                                         f"(curate.dedup.max_hamming {dedup.max_hamming})")
+                     lambda score, kept: f"{dedup.hash} {int(score)} bits from {kept} "
+                                         f"(curate.dedup.max_hamming {dedup.max_hamming})",
+                     earlier["id"].to_numpy())
 
 
-def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig) -> None:
+def _semantic_dedup(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig, reference: Reference) -> None:
     from components.curate.dedup import semantic_duplicates
 
     if not config.dedup.semantic or not embeddings.size:
         return
     order = _quality_order(rows, rows.index[(rows["status"] == "ok") & (rows["embedding_row"] >= 0)])
-    if len(order) < 2:
+    earlier = reference.rows[reference.rows["embedding_row"] >= 0]
+    if len(earlier) and reference.embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"the dedup reference's embeddings are {reference.embeddings.shape[1]}-d but this run's are "
+                         f"{embeddings.shape[1]}-d: the champion's dataset was curated with another embedding model")
+    if not len(order) or len(order) + len(earlier) < 2:
         return
     threshold = config.dedup.semantic_threshold
-    groups = semantic_duplicates(embeddings[rows.loc[order, "embedding_row"].to_numpy()], threshold)
-    _drop_duplicates(rows, order, groups, RejectReason.SEMANTIC_DUPLICATE,
-                     lambda score, kept: f"cosine {float(score):.3f} to kept sample {kept} "
-                                         f"(curate.dedup.semantic_threshold {threshold})")
+    vectors = embeddings[rows.loc[order, "embedding_row"].to_numpy()]
+    if len(earlier):
+        vectors = np.concatenate([reference.embeddings[earlier["embedding_row"].to_numpy()], vectors])
+    _drop_duplicates(rows, order, semantic_duplicates(vectors, threshold), RejectReason.SEMANTIC_DUPLICATE,
+                     lambda score, kept: f"cosine {float(score):.3f} to {kept} "
+                                         f"(curate.dedup.semantic_threshold {threshold})",
+                     earlier["id"].to_numpy())
 
 
 def _captions(rows: pd.DataFrame) -> None:
@@ -226,8 +247,14 @@ def _human_review(rows: pd.DataFrame, labels: dict[str, str]) -> None:
     _remove(rows, rejected, RejectReason.HUMAN_REJECTED, ["labelled reject in review"] * int(rejected.sum()))
 
 
-def decide(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig, labels: dict[str, str]) -> pd.DataFrame:
-    """Apply the global funnel to the scored rows (status/reason/detail/step updated); returns them."""
+def decide(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig, labels: dict[str, str],
+           reference: Reference | None = None) -> pd.DataFrame:
+    """Apply the global funnel to the scored rows (status/reason/detail/step updated); returns them.
+
+    With a `reference` (retraining), near and semantic dedup also remove samples that duplicate a
+    sample of the earlier dataset it stands for.
+    """
+    reference = reference if reference is not None else Reference.empty()
     rows = rows.copy()
     for column in ("reason", "detail"):
         rows[column] = rows[column].astype(object) if column in rows else None
@@ -240,8 +267,8 @@ def decide(rows: pd.DataFrame, embeddings: np.ndarray, config: CurateConfig, lab
         _apply_threshold(rows, rule, config)
     _human_review(rows, labels)
     _exact_dedup(rows)
-    _near_dedup(rows, config)
-    _semantic_dedup(rows, embeddings, config)
+    _near_dedup(rows, config, reference)
+    _semantic_dedup(rows, embeddings, config, reference)
     rows["step"] = rows["reason"].map(lambda r: STEP_OF_REASON.get(r) if isinstance(r, str) else None)
     return rows
 
@@ -271,8 +298,11 @@ def _assign_clusters(accepted: pd.DataFrame, embeddings: np.ndarray, config: Cur
 
 
 def merge(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, inputs: int,
-          labels: dict[str, str] | None = None) -> MergeResult:
-    """Decide every sample's fate across all scored shards and write the curated dataset to `output_dir`."""
+          labels: dict[str, str] | None = None, reference: Reference | None = None) -> MergeResult:
+    """Decide every sample's fate across all scored shards and write the curated dataset to `output_dir`.
+
+    `reference`: an earlier dataset's samples that new ones must not duplicate (retraining).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*output_dir.glob("*.tar"), *(output_dir / name for name in (MANIFEST_EMBEDDINGS, REJECTS,
@@ -282,7 +312,7 @@ def merge(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, input
     rows, embeddings = _load(scored_dirs)
     if rows.empty:
         raise ValueError("curation got no samples: the raw dataset is empty")
-    rows = decide(rows, embeddings, config, labels or {})
+    rows = decide(rows, embeddings, config, labels or {}, reference)
     accepted = rows[rows["status"] == "ok"].copy()
     removed = rows[rows["status"] != "ok"].copy()
     accepted["split"] = [split_of(str(p), config.val_fraction) for p in accepted["parent_id"]]

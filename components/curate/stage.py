@@ -21,14 +21,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from components.config import CurateConfig
-from components.curate.merge import REJECTS, MergeResult, merge, samples_for_report, summary_of
+from components.curate.merge import MANIFEST_EMBEDDINGS, REJECTS, MergeResult, merge, samples_for_report, summary_of
+from components.curate.reference import Reference
 from components.curate.report import write_report
 from components.curate.shard import DONE, ShardJob, score_shards, shard_key
 from components.progress import ProgressCounter
@@ -49,6 +52,7 @@ class CurateResult:
     funnel: dict[str, int]
     reasons: dict[str, int]
     summary: dict[str, Any]
+    reference: Reference | None = None  # the earlier datasets it was deduplicated against (retraining)
 
 
 def raw_rows_by_shard(raw_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -101,12 +105,16 @@ def score(config: CurateConfig, raw_dir: Path, root: Path, only: list[str] | Non
     return jobs, skipped
 
 
-def finish(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, inputs: int, skipped: int) -> CurateResult:
-    """Phase 2 + report: merge the scored shards into the curated dataset in `output_dir`."""
+def finish(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, inputs: int, skipped: int,
+           reference: Reference | None = None) -> CurateResult:
+    """Phase 2 + report: merge the scored shards into the curated dataset in `output_dir`.
+
+    `reference`: the earlier datasets' samples new ones must not duplicate (retraining).
+    """
     from components.curate.aesthetic import review_labels
 
     output_dir = Path(output_dir)
-    result: MergeResult = merge(config, scored_dirs, output_dir, inputs, review_labels(config.aesthetic))
+    result: MergeResult = merge(config, scored_dirs, output_dir, inputs, review_labels(config.aesthetic), reference)
     content_hash = directory_hash(output_dir)
     summary = summary_of(result, config, content_hash, skipped)
     # Only the samples the report shows (a grid per bucket and per reason), not the whole dataset.
@@ -117,7 +125,7 @@ def finish(config: CurateConfig, scored_dirs: list[Path], output_dir: Path, inpu
     if not len(result.manifest):
         raise ValueError(f"curation accepted no samples out of {inputs}; see {output_dir / 'report.html'}")
     return CurateResult(output_dir, summary["accepted"], summary["train"], summary["val"], content_hash,
-                        result.funnel, result.reasons, summary)
+                        result.funnel, result.reasons, summary, reference)
 
 
 def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
@@ -126,7 +134,7 @@ def run(config: CurateConfig, raw_dir: Path, output_dir: Path) -> CurateResult:
     root = work_root(output_dir)
     jobs, skipped = score(config, raw_dir, root)
     inputs = sum(len(job.raw_rows) for job in jobs)
-    result = finish(config, [job.out_dir for job in jobs], output_dir, inputs, skipped)
+    result = finish(config, [job.out_dir for job in jobs], output_dir, inputs, skipped, Reference.load(raw_dir))
     if not os.environ.get(WORK_ENV):
         shutil.rmtree(root, ignore_errors=True)  # a private work dir has served its purpose
     return result
@@ -146,9 +154,18 @@ def _stage_output(recipe, result: CurateResult, tracker, raw_dir: Path):
                 "content_hash": result.content_hash, "resolution": recipe.curate.resolution}
     tracker.set_tags({"dataset.sha256": result.content_hash})
     out = result.directory
-    # A retraining's raw dataset carries its lineage's known files: logged with the dataset, so the
-    # next retraining from a model trained on it still skips what its ancestors saw.
+    # What the next retraining from a model trained on this dataset must not take again, logged
+    # with the dataset: the lineage's known files (a retraining's raw dataset carries them) and
+    # the dedup reference (the one this run started from plus the samples it accepted).
     lineage = [path for path in [Path(raw_dir) / KNOWN_FILE] if path.is_file()]
+    manifest_embeddings = out / MANIFEST_EMBEDDINGS
+    accepted = Reference.of_dataset(read_manifest(out), np.load(manifest_embeddings, allow_pickle=False)
+                                    if manifest_embeddings.is_file() else None)
+    reference = (result.reference or Reference.empty()).union(accepted)
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in reference.save(Path(scratch)):
+            tracker.log_artifact(path)
+    metrics["curate.dedup_reference_samples"] = len(reference)
     return StageOutput(metadata=metadata, metrics=metrics,
                        artifacts=[out / "report.json", out / "report.html", out / "manifest.parquet", out / REJECTS,
                                   *lineage])
@@ -181,7 +198,8 @@ def merge_stage(recipe, inputs, outputs, tracker, context, scored: list[str] | N
     """Runner glue for the global merge after the ParallelFor: `scored` lists the scored shard directories."""
     raw_dir = Path(inputs["raw_dataset"])
     return _stage_output(recipe, finish(recipe.curate, ordered_scored_dirs(raw_dir, scored or []),
-                                        outputs["dataset"], len(read_manifest(raw_dir)), 0), tracker, raw_dir)
+                                        outputs["dataset"], len(read_manifest(raw_dir)), 0, Reference.load(raw_dir)),
+                         tracker, raw_dir)
 
 
 def ordered_scored_dirs(raw_dir: Path, scored: list[str]) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def new_stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: 
     """Tracking glue for retraining: ingest only files not in `inputs['known']/known.parquet`.
 
     Writes the lineage's new known set (the old one plus every file ingested now) as
-    `known.parquet` in the raw dataset, for curate to log with the dataset it makes.
+    `known.parquet` in the raw dataset, for curate to log with the dataset it makes, and copies
+    the champion's dedup reference there for curate to deduplicate against.
     """
+    from components.curate.reference import FILES as REFERENCE_FILES
     from components.runner import StageOutput
 
     known = set(pd.read_parquet(Path(inputs["known"]) / KNOWN_FILE)["sha256"].astype(str))
@@ -106,6 +109,9 @@ def new_stage(recipe, inputs, outputs, tracker, context, source: str = "", **_: 
     skipped = len(pd.read_parquet(result.directory / SKIPPED))
     seen = known | set(pd.read_parquet(result.directory / "manifest.parquet")["sha256"].astype(str))
     pd.DataFrame({"sha256": sorted(seen)}).to_parquet(result.directory / KNOWN_FILE, index=False)
+    for name in REFERENCE_FILES:  # the lineage's dedup reference, for curate (components/curate/reference.py)
+        if (Path(inputs["known"]) / name).is_file():
+            shutil.copyfile(Path(inputs["known"]) / name, result.directory / name)
     tracker.set_tags({"dataset.source": result.source, "dataset.raw_sha256": result.content_hash})
     return StageOutput(metadata={"num_samples": result.num_samples, "skipped_known": skipped,
                                  "content_hash": result.content_hash, "source": result.source},

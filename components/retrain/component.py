@@ -5,7 +5,7 @@ from kfp.dsl import Dataset, Input, Model, Output
 
 def champion(recipe: str, pipeline_job_id: str, pipeline_name: str, git_commit: str, teacher: Output[Model],
              autoencoder: Output[Model], known: Output[Dataset]):
-    """The registry champion's teacher, its latent codec, and the files its dataset already holds."""
+    """The registry champion's teacher, its latent codec, and the files and samples its lineage already holds."""
     from components.runner import run_component
 
     run_component("champion", recipe, pipeline_job_id, pipeline_name, git_commit, inputs={},

@@ -11,7 +11,9 @@ its manifest and rejects). This stage writes:
 - `known`: `known.parquet`, the sha256 of every file the champion's lineage saw (kept and
   rejected): its dataset's manifest and rejects, plus, for a champion that was itself retrained,
   the known set its retraining run started from (which curate logs as `known.parquet`), so
-  ingest takes only what no ancestor has seen.
+  ingest takes only what no ancestor has seen; and the lineage's dedup reference (perceptual
+  hashes and embeddings of its accepted samples, `components/curate/reference.py`), so curate
+  also rejects re-encoded or resized copies of them.
 """
 
 from __future__ import annotations
@@ -64,30 +66,54 @@ def _codec_dir(model_dir: Path, destination: Path) -> Path:
     return destination
 
 
-def _known_files(client, experiment: str, dataset_sha: str, destination: Path) -> int:
-    """sha256 of every file the champion's lineage saw, from the artifacts of its dataset's curate run."""
+def _download(run_id: str, artifact: str, destination: Path) -> Path | None:
+    """One artifact of a run, or None when the run has no such artifact."""
     import mlflow.artifacts
 
     from components import tracking
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                        dst_path=str(destination),
+                                                        tracking_uri=tracking.tracking_uri()))
+    except Exception:  # noqa: BLE001 - not logged (e.g. a first-generation dataset has no known.parquet)
+        return None
+
+
+def _known_files(client, experiment: str, dataset_sha: str, destination: Path) -> int:
+    """sha256 of every file the champion's lineage saw, from the artifacts of its dataset's curate run.
+
+    Also copies the run's dedup reference (curate/reference.py) into `destination`, so curation
+    of the new files can reject near and semantic duplicates of the lineage's samples.
+    """
+    from components import tracking
     from components.curate.merge import REJECTS
+    from components.curate.reference import FILES, Reference
 
     experiment_id = tracking.ensure_experiment(experiment)
     runs = client.search_runs([experiment_id], f"tags.`dataset.sha256` = '{dataset_sha}'", max_results=20)
     hashes: set[str] = set()
-    for run in runs:
-        for artifact in ("manifest.parquet", REJECTS, KNOWN_FILE):
-            try:
-                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact,
-                                                           tracking_uri=tracking.tracking_uri())
-            except Exception:  # noqa: BLE001 - a run without that artifact (a first-generation dataset has no known.parquet)
-                continue
-            frame = pd.read_parquet(path)
-            if "sha256" in frame:
-                hashes.update(frame["sha256"].dropna().astype(str))
+    reference: Reference | None = None
+    destination.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, run in enumerate(runs):
+            folder = Path(scratch) / str(index)
+            for artifact in ("manifest.parquet", REJECTS, KNOWN_FILE):
+                path = _download(run.info.run_id, artifact, folder)
+                if path is not None:
+                    frame = pd.read_parquet(path)
+                    if "sha256" in frame:
+                        hashes.update(frame["sha256"].dropna().astype(str))
+            if reference is None and all(_download(run.info.run_id, name, folder) is not None for name in FILES):
+                reference = Reference.load(folder)
+        if reference is not None:
+            reference.save(destination)
+        else:
+            print(f"note: no dedup reference was logged with dataset {dataset_sha[:12]}... (curated before reelforge "
+                  "logged one): new files are deduplicated against it by exact bytes only", flush=True)
     if not hashes:
         raise RetrainError(f"no curate run in experiment {experiment!r} logged the dataset {dataset_sha[:12]}... "
                            "(manifest.parquet): cannot tell new files from known ones")
-    destination.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"sha256": sorted(hashes)}).to_parquet(destination / KNOWN_FILE, index=False)
     return len(hashes)
 

@@ -179,3 +179,51 @@ def test_runner_tracks_stages_and_serves_deterministic_ones_from_cache(image_fol
     (source / "extra.png").write_bytes((source / "blue" / "blue_1.png").read_bytes()[:-1] + b"\0")
     third = execute("ingest", recipe, {}, {"raw_dataset": tmp_path / "raw3"}, source=f"folder:{source}")
     assert third.metadata["num_samples"] == first.metadata["num_samples"] + 1
+
+
+def test_retraining_curation_rejects_copies_of_the_earlier_datasets_samples(tmp_path: Path) -> None:
+    """Re-encoded copies of samples an earlier dataset holds have new bytes (ingest takes them), so curation
+    compares them with that dataset's reference: the earlier copy wins and the detail names it."""
+    from PIL import Image
+
+    from components.curate.reference import Reference
+
+    recipe = _recipe(**{"curate.workers": 1})
+    source = tuxpaint_subset(tmp_path / "source", 24)
+    stamps = sorted(source.rglob("*.png"))
+    first = tmp_path / "first"
+    first.mkdir()
+    for stamp in stamps[:16]:
+        for path in (stamp, stamp.with_suffix(".txt")):
+            if path.exists():
+                (first / path.name).write_bytes(path.read_bytes())
+    ingest(recipe.ingest, tmp_path / "raw1", f"folder:{first}")
+    curate(recipe.curate, tmp_path / "raw1", tmp_path / "curated1")
+    earlier = read_manifest(tmp_path / "curated1")
+    assert len(earlier) >= 3
+
+    second = tmp_path / "second"  # 3 re-encoded copies of accepted samples + the 8 stamps not seen before
+    second.mkdir()
+    copied = earlier.head(3)
+    for row in copied.itertuples():
+        rgba = Image.open(row.source_path).convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+        image.resize((image.width * 9 // 10, image.height * 9 // 10)).save(second / f"copy_{row.id}.jpg", quality=90)
+        (second / f"copy_{row.id}.txt").write_text(str(row.caption))
+    for stamp in stamps[16:]:
+        for path in (stamp, stamp.with_suffix(".txt")):
+            if path.exists():
+                (second / path.name).write_bytes(path.read_bytes())
+    ingest(recipe.ingest, tmp_path / "raw2", f"folder:{second}")
+    import numpy as np
+
+    Reference.of_dataset(earlier, np.load(tmp_path / "curated1" / "embeddings.npy")).save(tmp_path / "raw2")
+    curate(recipe.curate, tmp_path / "raw2", tmp_path / "curated2")
+    manifest, rejects, _ = _outcomes(tmp_path / "curated2")
+    copies = rejects[rejects["source_path"].str.contains("/copy_")]
+    assert len(copies) == 3 and set(copies["reason"]) <= {"near_duplicate", "semantic_duplicate"}, copies
+    for row in copies.itertuples():
+        kept_id = Path(row.source_path).stem.removeprefix("copy_")
+        assert f"sample {kept_id} of an earlier dataset" in row.detail
+    assert not manifest["source_path"].str.contains("/copy_").any()
+    assert len(manifest) >= 4  # the new stamps are still curated normally

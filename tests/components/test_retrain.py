@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -41,12 +42,15 @@ def test_a_retrained_champions_known_set_keeps_what_its_ancestors_saw(tmp_path: 
     curate run of the retrained champion's dataset, so old files stay known one generation later."""
     from components import tracking
     from components.ingest.stage import KNOWN_FILE, new_stage
+    from components.curate.reference import Reference
     from components.retrain.stage import _known_files
 
     source = tuxpaint_subset(tmp_path / "source", limit=6)
     digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*.png"))
     (tmp_path / "known").mkdir()
     pd.DataFrame({"sha256": digests[:4] + ["f" * 64]}).to_parquet(tmp_path / "known" / KNOWN_FILE)
+    earlier = pd.DataFrame({"id": ["s1", "s2"], "phash": [7, 9]})
+    Reference.of_dataset(earlier, np.eye(2, 8, dtype=np.float32)).save(tmp_path / "known")
     outputs = {"raw_dataset": tmp_path / "raw"}
 
     class Tracker:
@@ -56,6 +60,7 @@ def test_a_retrained_champions_known_set_keeps_what_its_ancestors_saw(tmp_path: 
     new_stage(load_recipe("tiny"), {"known": tmp_path / "known"}, outputs, Tracker(), None, source=f"folder:{source}")
     lineage = set(pd.read_parquet(tmp_path / "raw" / KNOWN_FILE)["sha256"])
     assert lineage == set(digests) | {"f" * 64}  # the old known set and the two files ingested now
+    assert Reference.load(tmp_path / "raw").rows["id"].tolist() == ["s1", "s2"]  # for curate to dedup against
 
     # The retrained dataset's curate run holds only the new files in its manifest, and the lineage file.
     client = tracking.client()
@@ -66,3 +71,12 @@ def test_a_retrained_champions_known_set_keeps_what_its_ancestors_saw(tmp_path: 
     client.log_artifact(curate_run.info.run_id, str(tmp_path / "raw" / KNOWN_FILE))
     assert _known_files(client, "reelforge-test", "d" * 64, tmp_path / "out") == len(lineage)
     assert set(pd.read_parquet(tmp_path / "out" / KNOWN_FILE)["sha256"]) == lineage
+    assert Reference.load(tmp_path / "out") is None  # this curate run logged no dedup reference
+    grown = Reference.load(tmp_path / "raw").union(Reference.of_dataset(pd.DataFrame({"id": ["s3"], "phash": [1]}),
+                                                                        np.ones((1, 8), np.float32)))
+    for path in grown.save(tmp_path / "logged"):
+        client.log_artifact(curate_run.info.run_id, str(path))
+    _known_files(client, "reelforge-test", "d" * 64, tmp_path / "out")
+    reference = Reference.load(tmp_path / "out")
+    assert reference.rows["id"].tolist() == ["s1", "s2", "s3"] and reference.rows["embedding_row"].tolist() == [0, 1, 2]
+    assert np.array_equal(reference.embeddings[2], np.ones(8, np.float32))

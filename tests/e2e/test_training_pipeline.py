@@ -187,6 +187,15 @@ def test_retraining_takes_only_new_files_fine_tunes_the_champion_and_applies_the
             shutil.copy(stamp.with_suffix(".txt"), target.with_suffix(".txt"))
     renamed = next((root / "source").rglob("*.png"))
     shutil.copy(renamed, source / "new" / "same-bytes-new-name.png")  # known bytes under a new name
+    # An accepted sample of the champion's dataset, re-encoded: new bytes (ingest takes it), same picture.
+    from PIL import Image
+
+    first_dataset = next((root / "work" / "pipeline_root").glob("reelforge-training-*/**/curate/dataset"))
+    accepted = pd.read_parquet(first_dataset / "manifest.parquet").iloc[0]
+    rgba = Image.open(accepted["source_path"]).convert("RGBA")
+    Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB").save(
+        source / "new" / "reencoded-copy.jpg", quality=90)
+    (source / "new" / "reencoded-copy.txt").write_text(str(accepted["caption"]))
     client = _client(pipeline_run)
     champion_before = str(client.get_model_version_by_alias("reelforge", "champion").version)
 
@@ -196,10 +205,15 @@ def test_retraining_takes_only_new_files_fine_tunes_the_champion_and_applies_the
     raw = next(run_dir.rglob("raw_dataset"))
     ingested = pd.read_parquet(raw / "manifest.parquet")
     skipped = pd.read_parquet(raw / "skipped.parquet")
-    assert set(ingested["relative_path"].map(lambda p: Path(p).name)) == {p.name for p in new}
+    assert set(ingested["relative_path"].map(lambda p: Path(p).name)) == {p.name for p in new} | {"reencoded-copy.jpg"}
     assert set(skipped["reason"]) == {"dup_existing"}
     assert "same-bytes-new-name.png" in set(skipped["source_path"].map(lambda p: Path(p).name))
     assert len(skipped) == len(old) + 1  # every old file (the broken and empty ones too) and the renamed copy
+    # Curation compared the new files with the champion's dataset: the re-encoded copy is a duplicate of it.
+    rejects = pd.read_parquet(next(run_dir.rglob("curate/dataset")) / "rejects.parquet")
+    copy = rejects[rejects["source_path"].str.endswith("reencoded-copy.jpg")]
+    assert len(copy) == 1 and copy.iloc[0]["reason"] in {"near_duplicate", "semantic_duplicate"}, copy
+    assert f"sample {accepted['id']} of an earlier dataset" in copy.iloc[0]["detail"]
 
     summary = result.summary
     version = client.get_model_version("reelforge", summary["version"])
@@ -219,4 +233,4 @@ def test_retraining_takes_only_new_files_fine_tunes_the_champion_and_applies_the
     capfd.readouterr()
     with pytest.raises(RuntimeError):
         run_retraining(recipe, root / "work", source=f"folder:{source}")
-    assert f"nothing new to train on: all {len(old) + len(new) + 1} files" in "".join(capfd.readouterr())
+    assert f"nothing new to train on: all {len(old) + len(new) + 2} files" in "".join(capfd.readouterr())
