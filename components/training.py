@@ -505,15 +505,7 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
                       f"{stage}.accelerator": accelerator})
     trainer = build_trainer(config, logger=logger, callbacks=callbacks, checkpointing=checkpointer is not None,
                             val_every=val_every, progress_bar=interactive)
-    # Batches are a function of (seed, step), starting at the resumed step: see StepPlan / StepSampler.
-    sampler = StepSampler(resume.step, rank=trainer.global_rank, world_size=trainer.world_size)
-    position_check.sampler = sampler
-    train_loader = torch.utils.data.DataLoader(StepDataset(train_groups, plan), sampler=sampler, batch_size=None,
-                                               num_workers=0, generator=torch.Generator().manual_seed(config.seed))
-    # Re-seed after the set-up: set-up code (model loading) leaves the global RNG in a different
-    # state the first time it runs in a process than later (measured: two runs in one process
-    # started training from different RNG states), which would shift caption dropout and noise.
-    lightning.seed_everything(config.seed + 1, workers=True, verbose=False)
+    train_loader = step_loader(trainer, train_groups, plan, resume.step, config.seed, position_check)
     started = time.monotonic()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader if val_every else None,
                 ckpt_path=resume.checkpoint)
@@ -567,6 +559,23 @@ def _train(spec: TrainSpec, recipe: Recipe, dataset_dir: Path, output_dir: Path,
     save_model_dir(Path(output_dir), weights, config_json, state)  # state.json last marks it complete
     return TrainResult(Path(output_dir), int(trainer.global_step), train_samples, train_loss, val_loss,
                        seconds, throughput, stopped_early, tuple(averaged_steps))
+
+
+def step_loader(trainer: Any, groups: list[MediaGroup], plan: Any, start_step: int, seed: int,
+                position_check: Any) -> torch.utils.data.DataLoader:
+    """The training loader from `start_step` on: batches are a function of (seed, step) and this rank's
+    share (StepPlan / StepSampler), so a resumed or distributed run draws exactly the batches it should.
+
+    Re-seeds the global RNG last: set-up code (model loading) leaves it in a different state the
+    first time it runs in a process than later (measured: two runs in one process started training
+    from different RNG states), which would shift caption dropout and noise.
+    """
+    sampler = StepSampler(start_step, rank=trainer.global_rank, world_size=trainer.world_size)
+    position_check.sampler = sampler
+    loader = torch.utils.data.DataLoader(StepDataset(groups, plan), sampler=sampler, batch_size=None,
+                                         num_workers=0, generator=torch.Generator().manual_seed(seed))
+    lightning.seed_everything(seed + 1, workers=True, verbose=False)
+    return loader
 
 
 def prepared_groups(dataset_dir: Path, media: tuple[str, ...], load: dict[str, Any], codec: Any, codec_id: str,

@@ -42,9 +42,9 @@ from components.config import DistillConfig, Recipe
 from components.evaluate.prompts import load_prompts
 from components.media import sha256_file
 from components.storage import code_fingerprint, dataset_hash, sha256_json
-from components.train_data import StepDataset, ValidationBatches, codec_fingerprint, group_specs
+from components.train_data import ValidationBatches, codec_fingerprint, group_specs
 from components.training import (DataPositionCheck, PlainProgress, _accelerator, build_trainer, configure_torch,
-                                 find_resume, load_codec_dir, prepared_groups)
+                                 find_resume, load_codec_dir, prepared_groups, step_loader)
 from models.checkpoint import WEIGHTS_FILE, load_model_dir, save_model_dir
 from models.distill import DistillModule, TeacherEnsemble, frozen_copy, nested_grids, student_from_teacher
 from models.dit import DiT, DiTConfig
@@ -53,7 +53,7 @@ from models.generate import AUTOENCODER_FILE, TextToImage, image_grid, load_code
 from models.hardware import resolve_precision
 from models.resume import PeriodicCheckpoint
 from models.text_encoder import TextEncoder
-from models.training import OptimConfig, StepPlan, StepSampler
+from models.training import OptimConfig, StepPlan
 
 STAGE = "distill"
 # The student's sampling grid: what TextToImage.sampling_times gives a distilled model (nested uniform grids).
@@ -366,11 +366,7 @@ def _fit_phase(name: str, module: DistillModule, config: DistillConfig, recipe: 
         callbacks.append(checkpointer)
     trainer = build_trainer(config, logger=tracking.training_logger(tracker), callbacks=callbacks,
                             checkpointing=checkpointer is not None, val_every=None, progress_bar=interactive)
-    sampler = StepSampler(resume.step, rank=trainer.global_rank, world_size=trainer.world_size)
-    position_check.sampler = sampler
-    train_loader = torch.utils.data.DataLoader(StepDataset(train_groups, plan), sampler=sampler, batch_size=None,
-                                               num_workers=0, generator=torch.Generator().manual_seed(config.seed))
-    lightning.seed_everything(config.seed + 1, workers=True, verbose=False)
+    train_loader = step_loader(trainer, train_groups, plan, resume.step, config.seed, position_check)
     started = time.monotonic()
     trainer.fit(module, train_dataloaders=train_loader, ckpt_path=resume.checkpoint)
     seconds = time.monotonic() - started
