@@ -176,8 +176,9 @@ def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt): {exc}") from exc
 
 
-def _load_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object file or raise CheckpointError saying what is wrong with it."""
+def load_json_object(path: Path) -> dict[str, Any]:
+    """Read a JSON object file or raise CheckpointError saying what is wrong with it (missing, not JSON,
+    not an object)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (incomplete model directory?)")
     try:
@@ -196,8 +197,8 @@ def load_model_dir(
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: model directory does not exist")
-    state = _load_json(directory / STATE_FILE)
-    config = _load_json(directory / CONFIG_FILE)
+    state = load_json_object(directory / STATE_FILE)
+    config = load_json_object(directory / CONFIG_FILE)
     weights = load_weights(directory / WEIGHTS_FILE, device=device)
     return weights, config, state
 
@@ -368,7 +369,7 @@ def _read_checkpoint_record(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     if not (directory / CHECKPOINT_STATE_FILE).is_file():
         raise CheckpointError(f"{directory}: incomplete checkpoint (no {CHECKPOINT_STATE_FILE}; interrupted write?)")
-    record = _load_json(directory / CHECKPOINT_STATE_FILE)
+    record = load_json_object(directory / CHECKPOINT_STATE_FILE)
     if record.get("format") != CHECKPOINT_FORMAT or record.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{directory / CHECKPOINT_STATE_FILE}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file"

@@ -25,7 +25,6 @@ work tree around the current directory) is a DVC repository with a committed `dv
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -153,15 +152,12 @@ def dvc_revision(project: Path | None = None) -> str:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise RegisterError(f"{what}: {path} does not exist")
+    from models.checkpoint import CheckpointError, load_json_object
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RegisterError(f"{what}: {path} is not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise RegisterError(f"{what}: {path} must hold a JSON object, not {type(data).__name__}")
-    return data
+        return load_json_object(path)
+    except CheckpointError as error:
+        raise RegisterError(f"{what}: {error}") from None
 
 
 def distill_tags(model_dir: Path) -> dict[str, str]:
