@@ -174,8 +174,11 @@ class PlainProgress(lightning.Callback):
             loss = trainer.callback_metrics.get("train/loss")
             loss_text = f" loss {float(loss):.4f}" if loss is not None else ""
             rate = (trainer.global_step - self.first_step) / max(now - self.start, 1e-9)
-            print(f"[{self.stage}] step {trainer.global_step}/{trainer.max_steps}{loss_text} ({rate:.1f} steps/s)",
-                  file=sys.stderr, flush=True)
+            # One write per line: ranks of a DDP run share stderr, and print's separate newline write
+            # let their lines run together.
+            sys.stderr.write(f"[{self.stage}] step {trainer.global_step}/{trainer.max_steps}{loss_text} "
+                             f"({rate:.1f} steps/s)\n")
+            sys.stderr.flush()
 
 
 class DataPositionCheck(lightning.Callback):

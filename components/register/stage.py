@@ -63,6 +63,12 @@ PIP_REQUIREMENTS = [
 ]
 
 
+# MLflow executes a models-from-code file (our pyfunc) with sys.modules["dbutils"] swapped for a
+# mock and swaps it back without a lock: two threads saving or loading at once leave the mock in
+# sys.modules for good (seen with concurrent registrations; tools that walk sys.modules then fail).
+# One at a time per process.
+MODEL_CODE_LOCK = threading.Lock()
+
 class RegisterError(ValueError):
     """An input of the register stage is missing or malformed (the message names the file and field)."""
 
@@ -384,9 +390,10 @@ def register_model_dir(model_name: str, model_dir: Path, run_id: str, tags: dict
                 # "No input example": an example would make MLflow run the model at save time; the
                 # smoke test below does that on the registered copy instead.
                 warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-                mlflow.pyfunc.save_model(str(local), python_model=str(PYFUNC_FILE),
-                                         artifacts={"model_dir": str(staged)}, code_paths=[str(c) for c in code],
-                                         signature=_signature(defaults), pip_requirements=PIP_REQUIREMENTS)
+                with MODEL_CODE_LOCK:
+                    mlflow.pyfunc.save_model(str(local), python_model=str(PYFUNC_FILE),
+                                             artifacts={"model_dir": str(staged)}, code_paths=[str(c) for c in code],
+                                             signature=_signature(defaults), pip_requirements=PIP_REQUIREMENTS)
             artifact_path = f"registered/{model_name}-{weights_sha[:12]}"  # student and teacher share a run
             client.log_artifacts(run_id, str(local), artifact_path)
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
@@ -408,7 +415,8 @@ def _smoke_test(model_uri: str) -> None:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch, tracking_uri=uri,
                                                     registry_uri=uri)
         try:
-            model = mlflow.pyfunc.load_model(local)
+            with MODEL_CODE_LOCK:
+                model = mlflow.pyfunc.load_model(local)
             out = model.predict(pd.DataFrame({"prompt": ["a red apple"]}), params={"steps": 2, "seed": 0})
         finally:
             sys.path[:] = saved_path

@@ -9,6 +9,7 @@ artifacts in S3 (a moto server over HTTP), reached by many clients at once.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,9 @@ def test_concurrent_registrations_all_get_distinct_versions(server_uri: str, reg
 
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(register, range(WORKERS)))
+    # MLflow swaps sys.modules["dbutils"] for a mock while it runs our pyfunc's code; unserialized
+    # concurrent saves would leave the mock behind for the rest of the process.
+    assert "dbutils" not in sys.modules, "MLflow's dbutils mock leaked out of concurrent registrations"
 
     assert all(r.created for r in results)
     assert sorted(int(r.version) for r in results) == list(range(1, WORKERS + 1))

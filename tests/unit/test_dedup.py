@@ -418,5 +418,6 @@ def test_dedup_details_name_the_kept_copy_of_each_dropped_row_when_quality_order
     order = pd.Index([3, 1, 2, 0])  # best quality first: d, b, c, a
     groups = exact_duplicates(rows.loc[order, "key"].to_numpy())
     _drop_duplicates(rows, order, groups, RejectReason.EXACT_DUPLICATE, lambda score, kept: f"same as {kept}")
-    assert rows.set_index("id")["detail"].to_dict() == {"a": "same as c", "b": "same as d", "c": "", "d": ""}
+    assert rows.set_index("id")["detail"].to_dict() == {"a": "same as kept sample c", "b": "same as kept sample d",
+                                                        "c": "", "d": ""}
     assert list(rows["status"]) == ["rejected", "rejected", "ok", "ok"]
