@@ -108,6 +108,16 @@ def write_model_dir(path: Path, *, guidance_embed: bool = False, frames: int = 1
                           {"stage": "distill" if guidance_embed else "quality_tune", "step": 1, "metrics": {}})
 
 
+def stage_environment(root: Path) -> pytest.MonkeyPatch:
+    """For module-scoped fixtures that run stages: a private SQLite MLflow store, cache and checkpoint
+    directory under `root`, set in the environment; call `.undo()` on the result when done."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("REELFORGE_CACHE_DIR", str(root / "cache"))
+    monkeypatch.setenv("REELFORGE_CHECKPOINT_DIR", str(root / "checkpoints"))
+    return monkeypatch
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store for this test, set as MLFLOW_TRACKING_URI."""

@@ -15,7 +15,7 @@ from components.config import load_recipe
 from components.runner import execute
 from models.checkpoint import load_weights
 from models.generate import TextToImage
-from tests.conftest import curated_discs, write_model_dir
+from tests.conftest import curated_discs, stage_environment, write_model_dir
 
 pytestmark = pytest.mark.slow  # curation + three short fits + a re-run: about a minute on 2 cores
 
@@ -39,10 +39,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import mlflow.pyfunc
 
     root = tmp_path_factory.mktemp("distill")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.setenv("REELFORGE_CACHE_DIR", str(root / "cache"))
-    monkeypatch.setenv("REELFORGE_CHECKPOINT_DIR", str(root / "checkpoints"))
+    monkeypatch = stage_environment(root)
     dataset = curated_discs(root)
     tuned = write_model_dir(root / "tuned", seed=0)
     other = write_model_dir(root / "other", seed=1)

