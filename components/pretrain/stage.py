@@ -77,7 +77,7 @@ def _multinode(recipe, name: str, nodes: int, inputs, outputs, context, input_ur
             "stage's num_nodes) to train here") from None
     uris = {key: input_uris.get(key, "") for key in inputs}
     job = trainjob.launch(recipe, name, uris, output_uri, Path(outputs["model"]), context.pipeline_job_id,
-                          context.commit())
+                          context.commit(), pipeline_name=context.pipeline_name)
     state = json.loads((Path(outputs["model"]) / "state.json").read_text())
     return StageOutput(metadata={"stage": f"pretrain-{name}", "steps": state.get("step", 0), "nodes": nodes,
                                  "trainjob": job["metadata"]["name"], "framework": "pytorch-lightning",

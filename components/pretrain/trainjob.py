@@ -57,7 +57,7 @@ def job_name(pipeline_job_id: str, stage: str) -> str:
 
 
 def build(recipe: Recipe, stage: str, image: str, namespace: str, inputs: Mapping[str, str], output_uri: str,
-          pipeline_job_id: str = "", git_commit: str = "") -> dict[str, Any]:
+          pipeline_job_id: str = "", git_commit: str = "", pipeline_name: str = "reelforge-training") -> dict[str, Any]:
     """The TrainJob manifest for pretraining stage `stage` (inputs: artifact name -> URI)."""
     config = recipe.pretrain.train_config(stage)
     node = recipe.resources.trainjob_node
@@ -76,7 +76,7 @@ def build(recipe: Recipe, stage: str, image: str, namespace: str, inputs: Mappin
         for variable, key in (secret.env.items() if secret else ()):
             env.append({"name": variable, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
     args = [f"--stage={stage}", f"--output={output_uri}", f"--pipeline-job-id={pipeline_job_id}",
-            *(f"--input={name}={uri}" for name, uri in sorted(inputs.items()))]
+            f"--pipeline-name={pipeline_name}", *(f"--input={name}={uri}" for name, uri in sorted(inputs.items()))]
     spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": RUNTIME},
         "trainer": {
@@ -225,6 +225,7 @@ def own_image(namespace: str, core: Any, log: Callable[[str], None] = print) -> 
 
 def launch(recipe: Recipe, stage: str, input_uris: Mapping[str, str], output_uri: str, output_dir: Path,
            pipeline_job_id: str, git_commit: str = "", image: str | None = None, api: Any = None,
+           pipeline_name: str = "reelforge-training",
            namespace: str | None = None, poll_s: float = 15.0, log: Callable[[str], None] = print,
            core: Any = None) -> dict[str, Any]:
     """Run stage `stage` as a TrainJob and download its model into `output_dir`; returns the finished job.
@@ -251,7 +252,7 @@ def launch(recipe: Recipe, stage: str, input_uris: Mapping[str, str], output_uri
 
         image = own_image(namespace, core or client.CoreV1Api(api.api_client), log)
     manifest = build(recipe, stage, image or recipe.image, namespace, input_uris, output_uri, pipeline_job_id,
-                     git_commit)
+                     git_commit, pipeline_name)
     name = manifest["metadata"]["name"]
     create_or_attach(api, manifest, log, poll_s=poll_s)
     timeout = recipe.resources.for_task("pretrain").timeout_s or 14 * 24 * 3600

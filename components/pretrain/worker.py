@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], metavar="NAME=URI", help="an input artifact")
     parser.add_argument("--output", required=True, help="URI where rank 0 uploads the model directory")
     parser.add_argument("--pipeline-job-id", default="", help="the KFP run this job belongs to")
+    parser.add_argument("--pipeline-name", default="reelforge-training", help="the pipeline of that run")
     args = parser.parse_args(argv)
     if RECIPE_ENV not in os.environ:
         print(f"error: ${RECIPE_ENV} is not set (the TrainJob passes the recipe there)", file=sys.stderr)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs[name] = download_dir(uri, scratch / "inputs" / name)
     output = scratch / "model"
     execute("pretrain", recipe, inputs, {"model": output},
-            RunContext(pipeline_job_id=args.pipeline_job_id, pipeline_name="reelforge-training"), stage=args.stage)
+            RunContext(pipeline_job_id=args.pipeline_job_id, pipeline_name=args.pipeline_name), stage=args.stage)
     if tracking.is_primary_process():
         count = upload_dir(output, args.output)
         print(f"uploaded {count} files of the model to {args.output}")

@@ -53,6 +53,7 @@ def test_the_trainjob_runs_our_image_on_two_gpu_nodes_with_secrets_by_reference(
     assert trainer["image"] == IMAGE and trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     assert trainer["command"] == ["torchrun", "-m", "components.pretrain.worker"]
     assert "--input=dataset=s3://bucket/run/curate/dataset" in trainer["args"] and "--stage=t2i" in trainer["args"]
+    assert "--pipeline-name=reelforge-training" in trainer["args"]  # the worker's MLflow runs join the task's
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
     env = {e["name"]: e for e in trainer["env"]}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "reelforge-mlflow",
