@@ -276,5 +276,8 @@ def test_the_worker_trains_under_torchrun_and_rank_zero_uploads_the_model(tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr  # two training processes really joined
     assert done.stdout.count("uploaded 3 files") == 1  # rank 0 alone uploads
+    # One download per node: the other process reads the same copy.
+    assert done.stdout.count("input dataset: downloaded") == 1
+    assert done.stdout.count("input dataset: reusing this node's copy") == 1
     _, config, state = load_model_dir(uploaded)
     assert state["step"] == 2 and config["training"]["pretrain-t2i"]["strategy"] == "ddp"
