@@ -85,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     run = verbs.add_parser("run", help="run a pipeline locally (KFP local runner, SQLite MLflow)",
-                           description="Run the training pipeline (ingest -> curate -> autoencoder -> pretrain-<stage>... -> quality_tune -> "
-                           "evaluate -> register) or the curation pipeline (ingest -> ParallelFor over raw shards "
-                           "-> global merge/dedup) through kfp.local on this machine.")
+                           description="Run a pipeline through kfp.local on this machine: training (ingest -> curate -> "
+                           "autoencoder -> pretrain-<stage>... -> quality_tune -> distill -> evaluate -> register -> "
+                           "deploy), curation (ingest -> ParallelFor over raw shards -> global merge/dedup) or "
+                           "retraining (champion -> ingest new files -> curate -> fine-tune the teacher -> distill -> "
+                           "evaluate vs champion -> register -> deploy).")
     _add_recipe_args(run)
     run.add_argument("--pipeline", choices=["training", "curation", "retraining"], default="training",
                      help="which pipeline (default: training; retraining starts from the registry's champion in "
-                     "WORKDIR and ingests only files its dataset has not seen)")
+                     "WORKDIR, ingests only files its lineage has not seen and dedups them against its samples)")
     run.add_argument("--workdir", type=Path, default=Path("work"),
                      help="where outputs, mlflow.db and the cache go (default: ./work)")
     run.add_argument("--source", default="",
