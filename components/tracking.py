@@ -26,6 +26,7 @@ import numpy as np
 PIPELINE_JOB_TAG = "reelforge.pipeline_job_id"
 STAGE_TAG = "reelforge.stage"
 RECIPE_TAG = "reelforge.recipe"
+ERROR_TAG = "reelforge.error"  # on a failed stage run: the exception type and message
 _QUIET_ENV = {
     # Telemetry is off: these machines are offline and users did not opt in.
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -280,12 +281,16 @@ def stage_run(
         tracker.log_params(params)
         yield tracker
         tracker.flush()  # queued training metrics land before the run is closed, or the stage fails
-    except BaseException:
+    except BaseException as failure:
         try:
             tracker.flush()  # keep what the failed stage logged; the original error is what propagates
         except Exception as error:  # noqa: BLE001
             logging.getLogger(__name__).error("while failing: %s", error)
         tracker.close()
+        try:  # why, on the run itself: the MLflow UI and `reelforge run` show it without the task's log
+            mlflow_client.set_tag(run.info.run_id, ERROR_TAG, f"{type(failure).__name__}: {failure}"[:5000])
+        except Exception as error:  # noqa: BLE001
+            logging.getLogger(__name__).error("while failing: %s", error)
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
         if parent_run_id:
             mlflow_client.set_terminated(parent_run_id, status="FAILED")

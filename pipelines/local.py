@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,36 +93,55 @@ def _init_local(workdir: Path, cache: bool) -> tuple[str, str]:
     return uri, commit
 
 
-def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
-    """Execute the training pipeline locally; raises if any task fails."""
-    from pipelines.training import build_pipeline
+def _failed_stage(experiment: str, since_ms: int) -> str | None:
+    """'<stage>: <error>' of the latest stage run that failed since `since_ms`, from its error tag."""
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=50, order_by=["attributes.start_time DESC"],
+                              filter_string=f"attributes.status = 'FAILED' AND attributes.start_time >= {since_ms}")
+    for run in runs:
+        if tracking.ERROR_TAG in run.data.tags:
+            return f"{run.data.tags.get(tracking.STAGE_TAG, run.info.run_name)}: {run.data.tags[tracking.ERROR_TAG]}"
+    return None
 
+
+def _run_pipeline(build_pipeline: Callable[[Recipe], Any], recipe: Recipe, workdir: Path, source: str,
+                  cache: bool) -> LocalRunResult:
+    """Run a pipeline whose last task returns the summary JSON; a failure names the stage and its error."""
     workdir = Path(workdir).resolve()
     uri, commit = _init_local(workdir, cache)
     pipeline = build_pipeline(recipe)
-    started = time.monotonic()
-    task = pipeline(recipe=recipe.to_json(), source=source, git_commit=commit)
+    started, started_ms = time.monotonic(), int(time.time() * 1000)
+    try:
+        task = pipeline(recipe=recipe.to_json(), source=source, git_commit=commit)
+    except RuntimeError as error:  # kfp.local names only the task; the stage's MLflow run holds why
+        cause = _failed_stage(recipe.tracking.experiment, started_ms)
+        if cause is None:
+            raise
+        raise RuntimeError(f"{cause} ({error})") from error
     seconds = time.monotonic() - started
     summary = json.loads(task.output)
     parent = summary.get("mlflow_parent_run_id", "")
     stage_seconds = _stage_seconds(recipe.tracking.experiment, parent) if parent else {}
     return LocalRunResult(workdir, uri, summary, seconds, stage_seconds)
+
+
+def run_training(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
+    """Execute the training pipeline locally; raises if any task fails (naming the stage and its error)."""
+    from pipelines.training import build_pipeline
+
+    return _run_pipeline(build_pipeline, recipe, workdir, source, cache)
 
 
 def run_retraining(recipe: Recipe, workdir: Path, source: str = "", cache: bool = True) -> LocalRunResult:
     """Execute the retraining pipeline locally against the work dir's registry; raises if any task fails
-    (e.g. "nothing new to train on" when the source holds no file the champion's dataset has not seen)."""
+    (e.g. "ingest_new: NothingNewError: nothing new to train on ..." when the source holds no file the
+    champion's lineage has not seen)."""
     from pipelines.retraining import build_pipeline
 
-    workdir = Path(workdir).resolve()
-    uri, commit = _init_local(workdir, cache)
-    started = time.monotonic()
-    task = build_pipeline(recipe)(recipe=recipe.to_json(), source=source, git_commit=commit)
-    seconds = time.monotonic() - started
-    summary = json.loads(task.output)
-    parent = summary.get("mlflow_parent_run_id", "")
-    stage_seconds = _stage_seconds(recipe.tracking.experiment, parent) if parent else {}
-    return LocalRunResult(workdir, uri, summary, seconds, stage_seconds)
+    return _run_pipeline(build_pipeline, recipe, workdir, source, cache)
 
 
 def run_curation(recipe: Recipe, workdir: Path, source: str = "", parallelism: int = 2) -> LocalRunResult:

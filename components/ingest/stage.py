@@ -89,7 +89,7 @@ def run(config: IngestConfig, output_dir: Path, source: Source | str | None = No
         pd.DataFrame(skipped, columns=["source_path", "sha256", "reason"]).to_parquet(output_dir / SKIPPED, index=False)
         if not rows:
             raise NothingNewError(f"nothing new to train on: all {len(skipped)} files of {source.describe()} are "
-                                  "already in the champion's dataset")
+                                  "already in the datasets of the champion's lineage")
     write_manifest(pd.DataFrame(rows), output_dir)
     return IngestResult(output_dir, len(rows), directory_hash(output_dir), source.describe())
 

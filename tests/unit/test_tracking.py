@@ -41,6 +41,7 @@ def test_a_failing_stage_marks_its_run_and_the_parent_failed(mlflow_uri: str) ->
             raise RuntimeError("boom")
     client = tracking.client()
     assert client.get_run(tracker.run_id).info.status == "FAILED"
+    assert client.get_run(tracker.run_id).data.tags[tracking.ERROR_TAG] == "RuntimeError: boom"  # why, in the UI
     assert client.get_run(parent).info.status == "FAILED"
     assert tracking.parent_run("exp", "job-1", "parent") == parent, "the parent is found again by job id"
 
